@@ -1,0 +1,106 @@
+"""Every knob of the toolkit in one immutable object, with defaults from the environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from ._errors import CommetError
+    from ._models import Operation
+
+__all__ = [
+    "DEFAULT_API_VERSION",
+    "DEFAULT_BASE_URL",
+    "CommetSettings",
+    "DeadLetterHook",
+    "Dialect",
+    "OverflowPolicy",
+]
+
+DEFAULT_BASE_URL = "https://commet.co"
+DEFAULT_API_VERSION = "2026-08-27"
+
+Dialect = Literal["v1", "legacy"]
+# What enqueue does when the in-memory queue is full; see the delivery module for the reasoning.
+OverflowPolicy = Literal["block", "spool", "drop"]
+DeadLetterHook = Callable[["Operation", "CommetError | Exception"], None]
+
+
+def _mask(key: str) -> str:
+    # Enough to tell two keys apart in a repr, never enough to use one.
+    if not key:
+        return "''"
+    return f"'{key[:3]}…({len(key)} chars)'"
+
+
+@dataclass(frozen=True)
+class CommetSettings:
+    """Configuration shared by the client, the delivery pipeline and the middlewares.
+
+    Build it with :meth:`from_env` to take ``COMMET_API_KEY``, ``COMMET_BASE_URL`` and
+    ``COMMET_SPOOL`` from the environment; keyword arguments override them.
+    """
+
+    api_key: str = field(default="", repr=False)
+    base_url: str = DEFAULT_BASE_URL
+    dialect: Dialect = "v1"
+    api_version: str = DEFAULT_API_VERSION
+    # Direct calls (a quota read on the request path wants a tight one; see quota_timeout).
+    timeout: float = 10.0
+    connect_timeout: float = 5.0
+    quota_timeout: float = 1.0
+    # An httpx transport (sync, async, or an object that is both) replaces the network: the seam
+    # tests and the emulator use.
+    transport: Any = field(default=None, repr=False, compare=False)
+    # Retries inside one client call: attempts after the first.
+    max_retries: int = 3
+    backoff_base: float = 0.5
+    backoff_cap: float = 8.0
+    retry_after_cap: float = 30.0
+    # Background delivery.
+    queue_limit: int = 10_000
+    overflow: OverflowPolicy = "block"
+    overflow_block_timeout: float = 0.05
+    max_concurrency: int = 8
+    batch_size: int = 100
+    shutdown_timeout: float = 10.0
+    dead_letter: DeadLetterHook | None = field(default=None, repr=False, compare=False)
+    # Durable spool (SQLite file); None keeps events in memory only.
+    spool_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dialect not in ("v1", "legacy"):
+            raise ValueError(f"dialect must be 'v1' or 'legacy', got {self.dialect!r}")
+        if self.overflow not in ("block", "spool", "drop"):
+            raise ValueError(f"overflow must be 'block', 'spool' or 'drop', got {self.overflow!r}")
+        if self.queue_limit < 1:
+            raise ValueError("queue_limit must be at least 1")
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr
+        )
+        return f"CommetSettings(api_key={_mask(self.api_key)}, {shown})"
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> CommetSettings:
+        """Return settings from the environment, with ``overrides`` taking precedence."""
+        values: dict[str, Any] = {
+            "api_key": os.environ.get("COMMET_API_KEY", ""),
+            "base_url": os.environ.get("COMMET_BASE_URL") or DEFAULT_BASE_URL,
+            "spool_path": os.environ.get("COMMET_SPOOL") or None,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> CommetSettings:
+        """Return a copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
