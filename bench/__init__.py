@@ -1,0 +1,1 @@
+"""Benchmarks for commet-middleware: ``python -m bench NAME`` (see ``python -m bench --help``)."""

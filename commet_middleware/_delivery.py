@@ -1,0 +1,825 @@
+"""Background delivery: takes billable operations off the request path and gets them to Commet.
+
+``DeliveryQueue.enqueue`` is a deque append under a lock plus, only when the sender is idle, a
+wake-up; it never raises and never waits on the network. One sender per queue drains it with at
+most ``settings.max_concurrency`` sends in flight over one pooled client: an asyncio task when
+started inside a running event loop, else a daemon thread running its own loop. A sender whose
+loop or thread has gone away (a test client's loop closed, a fork) is replaced on the next
+enqueue or flush, and what it had taken is queued again, never lost.
+
+Delivery is at least once on the wire and exactly once in effect: each operation's body is encoded
+once and the same bytes, carrying the same idempotency key, are re-sent on every retry, so Commet
+deduplicates. A 409 ``duplicate`` counts as delivered.
+
+Retries: a retryable failure (transport errors, 408, 429, 5xx, ``idempotency_in_progress``) is
+queued again after ``retry_delay``: ``settings.backoff_base`` doubling per attempt up to
+``BACKOFF_CAP``, with equal jitter (a random point in the upper half of that step), and never
+less than the server's ``Retry-After`` (capped at ``settings.retry_after_cap``). It is never given
+up while retryable, except by ``close`` when its timeout runs out. A non-retryable answer goes to
+``settings.dead_letter``, as does an operation the client refuses as invalid (``ValueError``,
+``TypeError``). Any other unexpected exception from the sender is retried
+``MAX_UNEXPECTED_ATTEMPTS`` times and then dead-lettered, so a bug cannot spin forever.
+
+Overflow (``pending`` reached ``settings.queue_limit``): memory stays bounded and no event is lost
+without a trace. ``"block"`` (the default) waits up to ``settings.overflow_block_timeout`` for
+room, but only in a thread with no running event loop (a WSGI worker, a threadpool endpoint):
+blocking an event loop would stall every request on it and, when the sender lives on that loop,
+could never make room. If there is still no room the event is refused loudly: an ERROR log naming
+customer, feature and idempotency key, the ``dropped`` counter, and ``settings.dead_letter``
+called with an ``UndeliveredError`` (reason ``"queue_full"``) so the app can persist it. Growing
+past the limit instead would trade a counted loss for an out-of-memory kill that loses every
+queued event silently. ``"spool"`` behaves like ``"block"`` until the durable spool lands (a
+warning says so once). ``"drop"`` refuses at once, just as loudly.
+
+Events still undelivered when ``close`` times out are reported the same way (reason
+``"shutdown"``, counted in ``dead_lettered``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import importlib
+import logging
+import os
+import random
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, cast
+
+from ._errors import CommetAPIError, CommetError
+from ._models import Operation, UsageEvent
+from ._settings import CommetSettings, Dialect
+
+__all__ = [
+    "BACKOFF_CAP",
+    "MAX_UNEXPECTED_ATTEMPTS",
+    "DeliveryQueue",
+    "DeliveryStats",
+    "Encoder",
+    "OperationSender",
+    "SenderFactory",
+    "UndeliveredError",
+    "close_default_queues",
+    "default_queue",
+    "retry_delay",
+]
+
+logger = logging.getLogger("commet_middleware.delivery")
+
+BACKOFF_CAP = 30.0
+MAX_UNEXPECTED_ATTEMPTS = 5
+# Statuses worth retrying even if an error object forgot to say so: for a background pipeline
+# a 429 is never final, Retry-After or not.
+_RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_RETRYABLE_CODES = frozenset({"idempotency_in_progress", "rate_limited", "internal_error"})
+# How often a waiting flush re-checks that a sender is still alive to make progress.
+_FLUSH_RECHECK = 0.25
+_AFLUSH_POLL = 0.005
+_JOIN_TIMEOUT = 1.0
+
+
+class OperationSender(Protocol):
+    """What the pipeline needs from a client: one HTTP attempt per call."""
+
+    async def send_once(self, operation: Operation, *, request_body: bytes | None = None) -> object:
+        """Send ``operation`` once; return on success, raise ``CommetError`` on failure."""
+        ...
+
+
+SenderFactory = Callable[[CommetSettings], OperationSender]
+Encoder = Callable[[Operation, Dialect], "bytes | None"]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class UndeliveredError(CommetError):
+    """Given to the dead-letter hook for an event the pipeline did not deliver."""
+
+    def __init__(self, reason: Literal["queue_full", "shutdown"], message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryStats:
+    """A snapshot of a queue's counters. Totals since creation (or since a fork), then gauges.
+
+    ``sent`` counts every operation Commet accepted, duplicates included; ``duplicates`` is the
+    part of it Commet had already recorded. ``pending`` is everything accepted and not yet
+    finished: waiting, in flight, or waiting to retry.
+    """
+
+    queued: int
+    sent: int
+    retried: int
+    duplicates: int
+    dead_lettered: int
+    dropped: int
+    in_flight: int
+    pending: int
+
+
+def retry_delay(
+    attempt: int,
+    *,
+    base: float,
+    cap: float = BACKOFF_CAP,
+    retry_after: float | None = None,
+    retry_after_cap: float = 30.0,
+    rng: random.Random | None = None,
+) -> float:
+    """Return the wait before retry ``attempt`` (1-based): jittered, capped, >= Retry-After."""
+    step = min(cap, base * 2.0 ** min(attempt - 1, 32))
+    jitter: float = (rng or random).random()
+    delay = step / 2 + jitter * step / 2
+    if retry_after is not None and retry_after > 0:
+        delay = max(delay, min(retry_after, retry_after_cap))
+    return delay
+
+
+def _is_retryable(error: CommetError) -> bool:
+    if error.retryable:
+        return True
+    if isinstance(error, CommetAPIError):
+        return error.status in _RETRYABLE_STATUSES or error.code in _RETRYABLE_CODES
+    return False
+
+
+def _describe(operation: Operation) -> str:
+    if isinstance(operation, UsageEvent):
+        return (
+            f"usage event customer={operation.customer_id!r} feature={operation.feature!r} "
+            f"value={operation.value!r} key={operation.idempotency_key!r}"
+        )
+    return (
+        f"quota {operation.action} customer={operation.customer_id!r} "
+        f"feature={operation.feature!r} count={operation.count!r} key={operation.idempotency_key!r}"
+    )
+
+
+def _default_sender_factory(settings: CommetSettings) -> OperationSender:
+    # Imported here: the client pulls in httpx, and tests replace it with a fake anyway.
+    module = importlib.import_module("commet_middleware._client")
+    return cast("OperationSender", module.AsyncCommetClient(settings))
+
+
+def _default_encoder(operation: Operation, dialect: Dialect) -> bytes | None:
+    try:
+        module = importlib.import_module("commet_middleware._wire")
+    except ImportError:  # pragma: no cover - only before the wire module exists
+        return None  # the client encodes it itself
+    return cast("bytes", module.encode_body(operation, dialect))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class _Item:
+    """One operation on its way, with the bytes every attempt re-sends."""
+
+    __slots__ = ("attempts", "body", "operation", "unexpected")
+
+    def __init__(self, operation: Operation) -> None:
+        self.operation = operation
+        self.body: bytes | None = None
+        self.attempts = 0
+        self.unexpected = 0
+
+
+class _Sender:
+    """One generation of the background sender; replaced, never revived, when it dies."""
+
+    def __init__(self, mode: Literal["asyncio", "thread"], max_concurrency: int) -> None:
+        self.mode = mode
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread_id: int | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.thread: threading.Thread | None = None
+        # asyncio.Event binds to a loop on first wait, so creating it here is fine.
+        self.wakeup = asyncio.Event()
+        self.slot_free = asyncio.Event()
+        self.free_slots = max_concurrency
+        # Items this generation took from the queue and has not finished: on its death they go
+        # back to the queue.
+        self.owned: set[_Item] = set()
+        self.in_flight = 0
+        self.retrying = 0
+        self.retired = False
+
+    def alive(self) -> bool:
+        if self.retired:
+            return False
+        if self.mode == "thread":
+            return self.thread is not None and self.thread.is_alive()
+        loop, task = self.loop, self.task
+        return loop is not None and task is not None and loop.is_running() and not task.done()
+
+
+class DeliveryQueue:
+    """A bounded in-memory queue of billable operations and the background sender draining it.
+
+    ``sender_factory`` builds the client (default: ``AsyncCommetClient``), ``encoder`` the request
+    body (default: ``_wire.encode_body``), and ``sleep`` waits out a retry delay (tests pass a
+    fast one).
+    """
+
+    def __init__(
+        self,
+        settings: CommetSettings,
+        *,
+        sender_factory: SenderFactory | None = None,
+        encoder: Encoder | None = None,
+        sleep: Sleep | None = None,
+        backoff_cap: float = BACKOFF_CAP,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self._sender_factory = sender_factory or _default_sender_factory
+        self._encoder = encoder or _default_encoder
+        self._sleep: Sleep = sleep or asyncio.sleep
+        self._backoff_cap = backoff_cap
+        self._rng = rng or random.Random()
+        self._limit = settings.queue_limit
+        self._init_state()
+        _live_queues.add(self)
+
+    def _init_state(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._start_lock = threading.Lock()
+        self._queue: deque[_Item] = deque()
+        self._sender: _Sender | None = None
+        self._idle = False
+        self._spool_warned = False
+        self._pending = 0
+        self._queued = 0
+        self._sent = 0
+        self._retried = 0
+        self._duplicates = 0
+        self._dead_lettered = 0
+        self._dropped = 0
+
+    def __repr__(self) -> str:
+        return f"<DeliveryQueue pending={self._pending} limit={self._limit}>"
+
+    # -- the request path ------------------------------------------------------------------
+
+    def enqueue(self, operation: Operation) -> None:
+        """Accept ``operation`` for delivery; never raises, waits only as the overflow says."""
+        try:
+            if self._pid != os.getpid():
+                self._reset_after_fork()
+            item = _Item(operation)
+            with self._lock:
+                if self._pending < self._limit:
+                    self._queue.append(item)
+                    self._pending += 1
+                    self._queued += 1
+                    wake = self._idle
+                    self._idle = False
+                    sender = self._sender
+                    full = False
+                else:
+                    full = True
+            if full:
+                self._overflow(item)
+            elif sender is None or not sender.alive():
+                self._ensure_sender()
+            elif wake:
+                self._poke(sender)
+        except Exception:
+            logger.exception("commet: could not enqueue %s; the request is unaffected", operation)
+
+    def _overflow(self, item: _Item) -> None:
+        policy = self.settings.overflow
+        if policy == "spool" and not self._spool_warned:
+            self._spool_warned = True
+            logger.warning("commet: overflow='spool' is not implemented yet; behaving like 'block'")
+        if policy != "drop" and _running_loop() is None:
+            self._ensure_sender()
+            deadline = time.monotonic() + self.settings.overflow_block_timeout
+            accepted = wake = False
+            sender: _Sender | None = None
+            with self._cond:
+                while self._pending >= self._limit:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                else:
+                    self._queue.append(item)
+                    self._pending += 1
+                    self._queued += 1
+                    wake = self._idle
+                    self._idle = False
+                    sender = self._sender
+                    accepted = True
+            if accepted:
+                if sender is None or not sender.alive():
+                    self._ensure_sender()
+                elif wake:
+                    self._poke(sender)
+                return
+        with self._lock:
+            self._dropped += 1
+            pending = self._pending
+        logger.error(
+            "commet: delivery queue full (%d pending, limit %d, overflow=%r): NOT delivering %s",
+            pending,
+            self._limit,
+            policy,
+            _describe(item.operation),
+        )
+        self._call_dead_letter(
+            item.operation,
+            UndeliveredError("queue_full", f"delivery queue full ({self._limit} pending)"),
+        )
+
+    # -- sender lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the sender now: on the running event loop if there is one, else in a thread."""
+        try:
+            if self._pid != os.getpid():
+                self._reset_after_fork()
+            self._ensure_sender()
+        except Exception:
+            logger.exception("commet: could not start the delivery sender")
+
+    def _ensure_sender(self) -> bool:
+        """Make sure a live sender exists; return False if none could be started."""
+        with self._start_lock:
+            current = self._sender
+            if current is not None and current.alive():
+                return True
+            loop = _running_loop()
+            sender = _Sender("asyncio" if loop else "thread", self.settings.max_concurrency)
+            with self._lock:
+                if current is not None:
+                    self._retire(current, requeue=True)
+                self._sender = sender
+                self._idle = False
+            if loop is not None:
+                sender.loop = loop
+                sender.thread_id = threading.get_ident()
+                sender.task = loop.create_task(self._run(sender))
+                return True
+            thread = threading.Thread(
+                target=self._thread_main, args=(sender,), name="commet-delivery", daemon=True
+            )
+            sender.thread = thread
+            try:
+                thread.start()
+            except RuntimeError:  # interpreter shutting down: no new threads
+                sender.retired = True
+                with self._lock:
+                    if self._sender is sender:
+                        self._sender = None
+                return False
+            return True
+
+    def _retire(self, sender: _Sender, *, requeue: bool) -> list[_Item]:
+        """Detach ``sender`` (lock held); requeue its unfinished items, or return them."""
+        sender.retired = True
+        if self._sender is sender:
+            self._sender = None
+        owned = list(sender.owned)
+        sender.owned.clear()
+        if requeue:
+            self._queue.extendleft(reversed(owned))
+            return []
+        return owned
+
+    def _poke(self, sender: _Sender, *, all_waits: bool = False) -> None:
+        def wake() -> None:
+            sender.wakeup.set()
+            if all_waits:
+                sender.slot_free.set()
+
+        if sender.thread_id == threading.get_ident():
+            wake()
+            return
+        loop = sender.loop
+        if loop is None:
+            return  # still starting: it looks at the queue before it ever waits
+        try:
+            loop.call_soon_threadsafe(wake)
+        except RuntimeError:  # its loop is closed: replace it
+            if not all_waits:
+                self._ensure_sender()
+
+    def _thread_main(self, sender: _Sender) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            sender.loop = loop
+            sender.thread_id = threading.get_ident()
+            loop.run_until_complete(self._run(sender))
+        except Exception:
+            logger.exception("commet: the delivery thread failed")
+        finally:
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
+    async def _run(self, sender: _Sender) -> None:
+        tasks: set[asyncio.Task[None]] = set()
+        client: OperationSender | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            client = await self._make_client(sender)
+            if client is None:
+                return
+            while True:
+                if sender.free_slots <= 0:
+                    sender.slot_free.clear()
+                    if sender.free_slots <= 0:
+                        await sender.slot_free.wait()
+                    continue
+                sender.wakeup.clear()
+                batch = self._take(sender, min(sender.free_slots, self.settings.batch_size))
+                if batch is None:
+                    return
+                if not batch:
+                    await sender.wakeup.wait()
+                    continue
+                for item in batch:
+                    sender.free_slots -= 1
+                    task = loop.create_task(self._deliver(sender, client, item))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+        except Exception:
+            logger.exception("commet: the delivery sender failed; the next enqueue restarts it")
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            if client is not None:
+                await self._close_client(client)
+
+    async def _make_client(self, sender: _Sender) -> OperationSender | None:
+        attempt = 0
+        while not sender.retired:
+            try:
+                return self._sender_factory(self.settings)
+            except Exception:
+                attempt += 1
+                logger.exception("commet: could not build the Commet client; retrying")
+                await self._sleep(
+                    retry_delay(attempt, base=self.settings.backoff_base, rng=self._rng)
+                )
+        return None
+
+    @staticmethod
+    async def _close_client(client: OperationSender) -> None:
+        aclose: Any = getattr(client, "aclose", None)
+        if aclose is None:
+            return
+        try:
+            await aclose()
+        except Exception:
+            logger.exception("commet: closing the Commet client failed")
+
+    def _take(self, sender: _Sender, limit: int) -> list[_Item] | None:
+        with self._lock:
+            if sender.retired or self._sender is not sender:
+                return None
+            queue = self._queue
+            if not queue:
+                self._idle = True
+                return []
+            batch = [queue.popleft() for _ in range(min(limit, len(queue)))]
+            sender.owned.update(batch)
+            sender.in_flight += len(batch)
+            return batch
+
+    async def _deliver(self, sender: _Sender, client: OperationSender, item: _Item) -> None:
+        try:
+            try:
+                if item.body is None:
+                    item.body = self._encoder(item.operation, self.settings.dialect)
+            except Exception as exc:
+                logger.exception("commet: could not encode %s", _describe(item.operation))
+                self._finish(sender, item, failure=exc)
+                return
+            try:
+                result = await client.send_once(item.operation, request_body=item.body)
+            except Exception as exc:
+                delay = self._plan_retry(item, exc)
+                if delay is None:
+                    self._finish(sender, item, failure=exc)
+                    return
+                with self._lock:
+                    if item not in sender.owned:
+                        return
+                    sender.in_flight -= 1
+                    sender.retrying += 1
+                    self._retried += 1
+            else:
+                self._finish(sender, item, result=result)
+                return
+        finally:
+            sender.free_slots += 1
+            sender.slot_free.set()
+        try:
+            await self._sleep(delay)
+        finally:
+            with self._lock:
+                sender.retrying -= 1
+                requeue = item in sender.owned and not sender.retired
+                if requeue:
+                    sender.owned.discard(item)
+                    self._queue.appendleft(item)
+                    self._idle = False
+        if requeue:
+            sender.wakeup.set()
+
+    def _plan_retry(self, item: _Item, error: Exception) -> float | None:
+        item.attempts += 1
+        retry_after: float | None = None
+        if isinstance(error, CommetError):
+            if not _is_retryable(error):
+                return None
+            retry_after = getattr(error, "retry_after", None)
+            logger.info(
+                "commet: attempt %d of %s failed, will retry: %s",
+                item.attempts,
+                _describe(item.operation),
+                self._redact(str(error)),
+            )
+        elif isinstance(error, (ValueError, TypeError)):
+            return None  # the client refused an invalid operation: no retry can fix it
+        else:
+            item.unexpected += 1
+            logger.error(
+                "commet: unexpected error sending %s (%d of %d): %s",
+                _describe(item.operation),
+                item.unexpected,
+                MAX_UNEXPECTED_ATTEMPTS,
+                self._redact(repr(error)),
+            )
+            if item.unexpected >= MAX_UNEXPECTED_ATTEMPTS:
+                return None
+        return retry_delay(
+            item.attempts,
+            base=self.settings.backoff_base,
+            cap=self._backoff_cap,
+            retry_after=retry_after,
+            retry_after_cap=self.settings.retry_after_cap,
+            rng=self._rng,
+        )
+
+    def _finish(
+        self,
+        sender: _Sender,
+        item: _Item,
+        *,
+        result: object = None,
+        failure: Exception | None = None,
+    ) -> None:
+        with self._lock:
+            if item not in sender.owned:
+                return  # taken back by a restart or a close: someone else reports it
+            sender.owned.discard(item)
+            sender.in_flight -= 1
+            if failure is None:
+                self._sent += 1
+                if getattr(result, "duplicate", False):
+                    self._duplicates += 1
+            else:
+                self._dead_lettered += 1
+        if failure is not None:
+            logger.error(
+                "commet: giving up on %s: %s",
+                _describe(item.operation),
+                self._redact(str(failure) or repr(failure)),
+            )
+            self._call_dead_letter(item.operation, failure)
+        # Only now, so a flush that returns has seen the hook called too.
+        with self._lock:
+            self._pending -= 1
+            self._cond.notify_all()
+
+    def _call_dead_letter(self, operation: Operation, error: Exception) -> None:
+        hook = self.settings.dead_letter
+        if hook is None:
+            return
+        try:
+            hook(operation, error)
+        except Exception:
+            logger.exception("commet: the dead_letter hook raised; ignored")
+
+    def _redact(self, text: str) -> str:
+        key = self.settings.api_key
+        return text.replace(key, "***") if key else text
+
+    # -- flush and close -------------------------------------------------------------------
+
+    def _on_sender_loop(self) -> bool:
+        sender = self._sender
+        return (
+            sender is not None
+            and sender.thread_id == threading.get_ident()
+            and _running_loop() is not None
+        )
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued is delivered or given up; False if ``timeout`` ran out.
+
+        Call it from any thread but the sender's event loop (there, ``await aflush()``).
+        """
+        try:
+            if self._pid != os.getpid():
+                self._reset_after_fork()
+            if timeout is None:
+                timeout = self.settings.shutdown_timeout
+            deadline = time.monotonic() + timeout
+            if self._on_sender_loop():
+                logger.warning("commet: flush() on the sender's event loop; use await aflush()")
+                return self._pending == 0
+            while True:
+                with self._cond:
+                    if self._pending == 0:
+                        return True
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                if not self._ensure_sender():
+                    # No thread can start (interpreter shutdown): drain on a loop of our own.
+                    if _running_loop() is not None:
+                        return False
+                    return asyncio.run(self.aflush(remaining))
+                with self._cond:
+                    if self._pending:
+                        self._cond.wait(min(remaining, _FLUSH_RECHECK))
+        except Exception:
+            logger.exception("commet: flush failed")
+            return False
+
+    async def aflush(self, timeout: float | None = None) -> bool:
+        """Like :meth:`flush`, without blocking the event loop."""
+        try:
+            if timeout is None:
+                timeout = self.settings.shutdown_timeout
+            deadline = time.monotonic() + timeout
+            while self._pending:
+                if time.monotonic() >= deadline:
+                    return False
+                self._ensure_sender()
+                await asyncio.sleep(_AFLUSH_POLL)
+            return True
+        except Exception:
+            logger.exception("commet: flush failed")
+            return False
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, then stop the sender; report what was left. True if everything was delivered.
+
+        The queue stays usable: a later enqueue starts a new sender.
+        """
+        delivered = self.flush(timeout)
+        try:
+            with self._lock:
+                sender = self._sender
+                leftovers = self._retire(sender, requeue=False) if sender else []
+                leftovers.extend(self._queue)
+                self._queue.clear()
+                self._pending -= len(leftovers)
+                self._dead_lettered += len(leftovers)
+                self._cond.notify_all()
+            if sender is not None:
+                self._poke(sender, all_waits=True)
+                thread = sender.thread
+                if thread is not None and thread is not threading.current_thread():
+                    thread.join(_JOIN_TIMEOUT)
+            self._abandon(leftovers)
+        except Exception:
+            logger.exception("commet: close failed")
+            return False
+        return delivered and not leftovers
+
+    async def aclose(self, timeout: float | None = None) -> bool:
+        """Like :meth:`close`, for an event loop (the ASGI lifespan shutdown)."""
+        sender = self._sender
+        if sender is None or sender.loop is not _running_loop():
+            return await asyncio.to_thread(self.close, timeout)
+        delivered = await self.aflush(timeout)
+        try:
+            with self._lock:
+                sender = self._sender  # aflush may have replaced a sender that had died
+                leftovers = self._retire(sender, requeue=False) if sender else []
+                leftovers.extend(self._queue)
+                self._queue.clear()
+                self._pending -= len(leftovers)
+                self._dead_lettered += len(leftovers)
+                self._cond.notify_all()
+            if sender is not None:
+                self._poke(sender, all_waits=True)
+                if sender.task is not None and sender.loop is asyncio.get_running_loop():
+                    await asyncio.wait({sender.task}, timeout=_JOIN_TIMEOUT)
+                elif sender.thread is not None:
+                    await asyncio.to_thread(sender.thread.join, _JOIN_TIMEOUT)
+            self._abandon(leftovers)
+        except Exception:
+            logger.exception("commet: close failed")
+            return False
+        return delivered and not leftovers
+
+    def _abandon(self, items: list[_Item]) -> None:
+        if not items:
+            return
+        logger.error("commet: closing with %d operations undelivered", len(items))
+        for item in items:
+            logger.error("commet: undelivered at shutdown: %s", _describe(item.operation))
+            self._call_dead_letter(
+                item.operation,
+                UndeliveredError("shutdown", "not delivered before the close timeout"),
+            )
+
+    def stats(self) -> DeliveryStats:
+        """Return a snapshot of the counters."""
+        with self._lock:
+            sender = self._sender
+            return DeliveryStats(
+                queued=self._queued,
+                sent=self._sent,
+                retried=self._retried,
+                duplicates=self._duplicates,
+                dead_lettered=self._dead_lettered,
+                dropped=self._dropped,
+                in_flight=sender.in_flight if sender else 0,
+                pending=self._pending,
+            )
+
+    # -- fork --------------------------------------------------------------------------------
+
+    def _reset_after_fork(self) -> None:
+        # The parent's sender thread does not exist here and its client's sockets are shared
+        # with the parent; what it had queued is the parent's to deliver.
+        self._init_state()
+
+
+_live_queues: weakref.WeakSet[DeliveryQueue] = weakref.WeakSet()
+_registry_lock = threading.Lock()
+_defaults_by_id: dict[int, DeliveryQueue] = {}
+_defaults: list[DeliveryQueue] = []
+
+
+def default_queue(settings: CommetSettings) -> DeliveryQueue:
+    """Return the process-wide queue for ``settings`` (equal settings, same transport and hook)."""
+    queue = _defaults_by_id.get(id(settings))
+    if queue is not None and queue.settings is settings:
+        return queue
+    with _registry_lock:
+        for queue in _defaults:
+            known = queue.settings
+            if (
+                known == settings
+                and known.transport is settings.transport
+                and known.dead_letter is settings.dead_letter
+            ):
+                break
+        else:
+            queue = DeliveryQueue(settings)
+            _defaults.append(queue)
+        # The queue holds its settings, so this id cannot be reused while the entry exists.
+        _defaults_by_id[id(settings)] = queue
+        return queue
+
+
+def close_default_queues(timeout: float | None = None) -> bool:
+    """Close and forget every default queue; True if all delivered everything."""
+    with _registry_lock:
+        queues = list(_defaults)
+        _defaults.clear()
+        _defaults_by_id.clear()
+    results = [queue.close(timeout) for queue in queues]  # close every one, no short cut
+    return all(results)
+
+
+def _close_all_at_exit() -> None:
+    for queue in list(_live_queues):
+        if queue._pending or queue._sender is not None:
+            queue.close(queue.settings.shutdown_timeout)
+
+
+def _after_fork_in_child() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for queue in list(_live_queues):
+        queue._reset_after_fork()
+
+
+atexit.register(_close_all_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
