@@ -58,6 +58,7 @@ from ._settings import CommetSettings, Dialect
 __all__ = [
     "BACKOFF_CAP",
     "MAX_UNEXPECTED_ATTEMPTS",
+    "DeliveryListener",
     "DeliveryQueue",
     "DeliveryStats",
     "Encoder",
@@ -94,6 +95,8 @@ class OperationSender(Protocol):
 SenderFactory = Callable[[CommetSettings], OperationSender]
 Encoder = Callable[[Operation, Dialect], "bytes | None"]
 Sleep = Callable[[float], Awaitable[None]]
+# Told of each operation Commet accepted, with what Commet answered.
+DeliveryListener = Callable[[Operation, object], None]
 
 
 class UndeliveredError(CommetError):
@@ -248,8 +251,23 @@ class DeliveryQueue:
         self._backoff_cap = backoff_cap
         self._rng = rng or random.Random()
         self._limit = settings.queue_limit
+        self._listeners: list[DeliveryListener] = []
         self._init_state()
         _live_queues.add(self)
+
+    def add_listener(self, listener: DeliveryListener) -> None:
+        """Call ``listener(operation, result)`` after each operation Commet accepted.
+
+        The quota guard uses this to learn the balance Commet confirmed. A listener runs on the
+        sender's loop, so it must be quick; its exceptions are logged and ignored.
+        """
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: DeliveryListener) -> None:
+        """Stop calling ``listener``; unknown listeners are ignored."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     def _init_state(self) -> None:
         self._pid = os.getpid()
@@ -605,10 +623,19 @@ class DeliveryQueue:
                 self._redact(str(failure) or repr(failure)),
             )
             self._call_dead_letter(item.operation, failure)
+        else:
+            self._notify_listeners(item.operation, result)
         # Only now, so a flush that returns has seen the hook called too.
         with self._lock:
             self._pending -= 1
             self._cond.notify_all()
+
+    def _notify_listeners(self, operation: Operation, result: object) -> None:
+        for listener in tuple(self._listeners):
+            try:
+                listener(operation, result)
+            except Exception:
+                logger.exception("commet: a delivery listener raised; ignored")
 
     def _call_dead_letter(self, operation: Operation, error: Exception) -> None:
         hook = self.settings.dead_letter

@@ -408,3 +408,21 @@ def test_a_crashed_sender_is_replaced_and_loses_nothing(
     assert queue.flush(5)
     assert sorted(sender.completed) == ["a", "b"]
     assert crashes == [1]
+
+
+@pytest.mark.swallows_errors
+def test_listeners_hear_of_each_accepted_operation_only(
+    make_queue: QueueFactory, sender: FakeSender, dead_letters: DeadLetters
+) -> None:
+    """A listener gets (operation, result) for each success, nothing for a dead letter."""
+    sender.script["bad"] = [api_error(422, "validation_error")]
+    heard: list[tuple[str, object]] = []
+    queue = make_queue()
+    queue.add_listener(lambda op, result: heard.append((op.idempotency_key, result)))
+    queue.add_listener(lambda op, result: 1 / 0)  # a raising listener harms nobody
+    for key in ("a", "bad", "b"):
+        queue.enqueue(event(key))
+    assert queue.flush(5)
+    assert sorted(key for key, _ in heard) == ["a", "b"]
+    assert all(isinstance(result, FakeResult) for _, result in heard)
+    assert dead_letters.keys == ["bad"]
