@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+from ._asgi import CommetMiddleware
 from ._client import AsyncCommetClient, CommetClient
+from ._context import commet_context, current_customer, set_customer
 from ._errors import CommetAPIError, CommetError, CommetTransportError
+from ._metered import metered, track
 from ._models import QuotaChange, UsageEvent
 from ._results import QuotaAllowance, QuotaChangeResult, TrackResult
 from ._settings import CommetSettings
+from ._wsgi import CommetWSGIMiddleware
 
 __all__ = [
     "AsyncCommetClient",
     "CommetAPIError",
     "CommetClient",
     "CommetError",
+    "CommetMiddleware",
     "CommetSettings",
     "CommetTransportError",
+    "CommetWSGIMiddleware",
     "QuotaAllowance",
     "QuotaChange",
     "QuotaChangeResult",
     "TrackResult",
     "UsageEvent",
+    "commet_context",
+    "current_customer",
+    "metered",
+    "set_customer",
+    "track",
 ]

@@ -1,0 +1,333 @@
+"""``CommetMiddleware``: pure ASGI middleware that bills successful requests to their customer."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ._context import (
+    DEFAULT_EXCLUDE,
+    REJECTION_BODY,
+    CustomerRequiredError,
+    EventSink,
+    MeteringRules,
+    MeteringStats,
+    MeterSpec,
+    RequestContext,
+    _current,
+)
+from ._keys import client_key_seed, new_request_id
+from ._settings import CommetSettings, DeadLetterHook, Dialect
+from .customers import CustomerResolver, resolve_async, resolve_now
+
+__all__ = ["CommetMiddleware"]
+
+logger = logging.getLogger("commet_middleware")
+
+
+def build_settings(settings: CommetSettings | None, overrides: dict[str, Any]) -> CommetSettings:
+    """Return ``settings`` with the given (non-None) ``overrides``, or settings from the env.
+
+    The middlewares list their client settings as explicit keywords rather than ``**kwargs``:
+    Starlette's ``add_middleware`` typing rejects a factory with ``**kwargs``.
+    """
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if settings is None:
+        return CommetSettings.from_env(**overrides)
+    return settings.replace(**overrides) if overrides else settings
+
+
+class SinkOwner:
+    """Builds, starts and closes the delivery queue a middleware owns (or uses a given sink)."""
+
+    def __init__(self, sink: EventSink | None, settings: CommetSettings) -> None:
+        self.settings = settings
+        self.owned = sink is None
+        if sink is None:
+            from ._delivery import DeliveryQueue  # only needed when the app really delivers
+
+            sink = DeliveryQueue(settings)
+        self.sink: EventSink = sink
+        self._started = False
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the owned queue once; called at lifespan startup or on the first request."""
+        if self._started:
+            return
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+            start = getattr(self.sink, "start", None) if self.owned else None
+            if start is not None:
+                try:
+                    start()
+                except Exception:
+                    logger.exception("commet: could not start the delivery queue")
+
+    async def aclose(self) -> None:
+        """Flush and close the owned queue, within the settings' shutdown timeout."""
+        if not self.owned:
+            return
+        self._started = False  # the queue stays usable; a later lifespan starts it again
+        aclose = getattr(self.sink, "aclose", None)
+        if aclose is None:
+            return
+        try:
+            await aclose(self.settings.shutdown_timeout)
+        except Exception:
+            logger.exception("commet: closing the delivery queue failed")
+
+    def close(self) -> None:
+        """Flush and close the owned queue from sync code (WSGI, atexit)."""
+        if not self.owned:
+            return
+        self._started = False
+        close = getattr(self.sink, "close", None)
+        if close is None:
+            return
+        try:
+            close(self.settings.shutdown_timeout)
+        except Exception:
+            logger.exception("commet: closing the delivery queue failed")
+
+
+class CommetMiddleware:
+    """Bill each successful HTTP request's usage to its customer through Commet.
+
+    ``customer`` resolves the paying customer (see :mod:`commet_middleware.customers`); code in
+    the request may also call ``set_customer``. Usage comes from ``@metered``/``track`` in the
+    endpoint and, in zero-code mode, from ``meter`` (a feature code, a table of route pattern
+    or method to feature, or a function of the scope), skipping ``exclude`` paths and CORS
+    preflights (``exclude`` concerns zero-code metering only: an explicit ``@metered``
+    endpoint is metered wherever it lives). Usage is billed only when the response status
+    passes ``bill_status`` (default ``status < 400``) and the response completed: for a
+    streaming response that is when the last body chunk has been sent, so a client that
+    disconnects mid-stream is not billed. An endpoint that raises is never billed. Usage
+    recorded after the response completed (a background task) is billed at once if the
+    request was billed. ``stats`` counts what was enqueued, unattributed, rejected, invalid
+    and incomplete.
+
+    A billable request without a customer is never billed to anyone. With
+    ``on_missing_customer="serve"`` (default) it is served, logged and counted in
+    ``stats.unattributed_requests``. With ``"reject"`` it gets a 401 JSON error
+    (``customer_required``): a ``@metered`` endpoint refuses before running; zero-code and
+    ``track`` usage are checked when the response starts, so the handler has already run.
+
+    ``idempotency_header`` (e.g. ``"Idempotency-Key"``) opts in to deriving event keys from the
+    client's key (bound to method and path), so a client retry is not billed twice; otherwise
+    keys come from a fresh id per executed request. Pass ``settings=`` or the common client
+    settings as keywords (``api_key``, ``base_url``, ``transport``, ``dialect``,
+    ``api_version``, ``timeout``, ``spool_path``, ``dead_letter``; the rest of the settings via
+    ``settings=``; defaults from the environment), or ``sink=`` to collect operations yourself.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        customer: CustomerResolver | None = None,
+        meter: MeterSpec = None,
+        exclude: Iterable[str] = DEFAULT_EXCLUDE,
+        bill_status: Callable[[int], bool] | None = None,
+        on_missing_customer: Literal["serve", "reject"] = "serve",
+        idempotency_header: str | None = None,
+        sink: EventSink | None = None,
+        settings: CommetSettings | None = None,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        transport: Any = None,
+        dialect: Dialect | None = None,
+        api_version: str | None = None,
+        timeout: float | None = None,
+        spool_path: str | None = None,
+        dead_letter: DeadLetterHook | None = None,
+    ) -> None:
+        self.app = app
+        self.customer = customer
+        self.rules = MeteringRules(
+            meter=meter,
+            exclude=exclude,
+            bill_status=bill_status,
+            on_missing_customer=on_missing_customer,
+        )
+        self.idempotency_header = idempotency_header.lower() if idempotency_header else None
+        self.settings = build_settings(
+            settings,
+            {
+                "api_key": api_key,
+                "base_url": base_url,
+                "transport": transport,
+                "dialect": dialect,
+                "api_version": api_version,
+                "timeout": timeout,
+                "spool_path": spool_path,
+                "dead_letter": dead_letter,
+            },
+        )
+        self.stats = MeteringStats()
+        self._sinks = SinkOwner(sink, self.settings)
+
+    @property
+    def sink(self) -> EventSink:
+        """The sink billable operations go to."""
+        return self._sinks.sink
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        if scope["type"] != "http" or scope.get("commet.applied"):
+            await self.app(scope, receive, send)
+            return
+        # Servers and test clients that never send lifespan still get a started queue.
+        self._sinks.start()
+        scope = dict(scope)
+        scope["commet.applied"] = True
+        await _HTTPCall(self, scope, send).run(receive)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._sinks.start()
+            return message
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                # Flush before the server is told it may exit.
+                await self._sinks.aclose()
+            await send(message)
+
+        await self.app(scope, receive_wrapper, send_wrapper)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers") or ():
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+class _HTTPCall:
+    """The middleware's state for one HTTP request; never stored on the middleware."""
+
+    def __init__(self, middleware: CommetMiddleware, scope: Scope, send: Send) -> None:
+        self.mw = middleware
+        self.scope = scope
+        self._send = send
+        self.response_started = False
+        self.completed = False
+        self.rejected = False
+        self.feature: str | None = None
+        self.ctx = RequestContext(
+            sink=middleware.sink,
+            settings=middleware.settings,
+            key_seed=self._key_seed(),
+            reject_missing_customer=middleware.rules.reject_missing_customer,
+            stats=middleware.stats,
+        )
+
+    def _key_seed(self) -> str:
+        header = self.mw.idempotency_header
+        client_key = _header(self.scope, header.encode("latin-1")) if header else None
+        if client_key:
+            return client_key_seed(client_key, self.scope.get("method", ""), self.scope["path"])
+        return "request\x1f" + new_request_id()
+
+    async def run(self, receive: Receive) -> None:
+        ctx = self.ctx
+        resolver = self.mw.customer
+        if resolver is not None:
+            ctx.customer_id = await resolve_async(resolver, self.scope)
+            scope = self.scope
+            ctx.late_resolver = lambda: resolve_now(resolver, scope)
+        token = _current.set(ctx)
+        try:
+            await self.mw.app(self.scope, receive, self.send)
+        except CustomerRequiredError:
+            if self.response_started:
+                raise
+            await self._reject()
+        finally:
+            _current.reset(token)
+            if not ctx.settled:
+                if self.response_started and not self.completed and not self.rejected:
+                    self.mw.stats.add("incomplete_responses")
+                ctx.settle(billable=False)
+
+    async def send(self, message: Message) -> None:
+        if self.rejected:
+            return  # the app's own response was replaced by the 401
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.response_started = True
+            self.ctx.status = int(message["status"])
+            await self._learn_customer()
+            self.feature = self._zero_code_feature()
+            if self._must_reject():
+                await self._reject()
+                return
+        await self._send(message)
+        if (
+            kind == "http.response.body" and not message.get("more_body", False)
+        ) or kind == "http.response.pathsend":
+            self._complete()
+
+    async def _learn_customer(self) -> None:
+        resolver = self.mw.customer
+        if self.ctx.customer_id is None and resolver is not None:
+            self.ctx.customer_id = await resolve_async(resolver, self.scope)
+
+    def _zero_code_feature(self) -> str | None:
+        scope = self.scope
+        route = getattr(scope.get("route"), "path", None)
+        method = str(scope.get("method", "GET")).upper()
+        preflight = _header(scope, b"access-control-request-method") is not None
+        return self.mw.rules.zero_code_feature(
+            scope, method, scope["path"], route if isinstance(route, str) else None, preflight
+        )
+
+    def _must_reject(self) -> bool:
+        ctx = self.ctx
+        if not ctx.reject_missing_customer:
+            return False
+        if ctx.customer_required:
+            return True
+        would_bill = bool(ctx.pending) or self.feature is not None
+        return would_bill and self.mw.rules.billable_status(ctx.status) and ctx.customer() is None
+
+    async def _reject(self) -> None:
+        self.rejected = True
+        self.response_started = True
+        self.mw.stats.add("rejected_requests")
+        self.ctx.settle(billable=False)
+        logger.warning(
+            "commet: rejected %s %s with 401: billable and no customer",
+            self.scope.get("method"),
+            self.scope.get("path"),
+        )
+        await self._send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(REJECTION_BODY)).encode("ascii")),
+                ],
+            }
+        )
+        await self._send({"type": "http.response.body", "body": REJECTION_BODY})
+
+    def _complete(self) -> None:
+        self.completed = True
+        ctx = self.ctx
+        billable = self.mw.rules.billable_status(ctx.status)
+        if billable and self.feature is not None:
+            ctx.record(self.feature, 1, None)
+        ctx.settle(billable=billable)

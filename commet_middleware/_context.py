@@ -1,0 +1,461 @@
+"""The per-request billing context: one ContextVar pointing at a mutable ``RequestContext``.
+
+The middleware sets the var when a request arrives and resets it when the request ends. Code
+further down (a FastAPI dependency, a sync endpoint in a threadpool, a Flask ``before_request``)
+sees the same object through the var, so what it records (``set_customer``, ``track``,
+``@metered``) is visible to the middleware at the end even though context copies happened in
+between: copies share the object, not a value.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
+
+from ._keys import derive_idempotency_key, new_request_id
+from ._models import (
+    Operation,
+    UsageEvent,
+    utc_timestamp,
+    validate_customer_id,
+    validate_feature_code,
+)
+
+if TYPE_CHECKING:
+    from ._settings import CommetSettings
+
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "REJECTION_BODY",
+    "CustomerRequiredError",
+    "EventSink",
+    "MeterSpec",
+    "MeteringRules",
+    "MeteringStats",
+    "PendingUsage",
+    "RequestContext",
+    "commet_context",
+    "current_customer",
+    "default_sink",
+    "get_current_context",
+    "set_customer",
+]
+
+logger = logging.getLogger("commet_middleware")
+
+
+class EventSink(Protocol):
+    """Where finished billable operations go: the delivery queue, or a list in tests."""
+
+    def enqueue(self, operation: Operation, /) -> None:
+        """Accept one operation; must never raise and never block for long."""
+
+
+class CustomerRequiredError(Exception):
+    """A billable operation was about to happen and nobody said which customer pays for it."""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingUsage:
+    """A usage event recorded during a request, billed only if the request succeeds."""
+
+    feature: str
+    value: int | float
+    properties: dict[str, str] | None
+    idempotency_key: str
+    timestamp: str
+    # An explicit customer from ``@metered(customer=...)``; None means the request's customer.
+    customer_id: str | None = None
+
+
+class MeteringStats:
+    """Counters a middleware keeps about what it billed and what it could not bill."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.events_enqueued = 0
+        self.unattributed_requests = 0
+        self.rejected_requests = 0
+        self.invalid_values = 0
+        self.incomplete_responses = 0
+
+    def add(self, name: str, amount: int = 1) -> None:
+        """Add ``amount`` to the counter ``name``; safe from any thread."""
+        if amount:
+            with self._lock:
+                setattr(self, name, getattr(self, name) + amount)
+
+    def as_dict(self) -> dict[str, int]:
+        """Return a snapshot of every counter."""
+        with self._lock:
+            return {
+                "events_enqueued": self.events_enqueued,
+                "unattributed_requests": self.unattributed_requests,
+                "rejected_requests": self.rejected_requests,
+                "invalid_values": self.invalid_values,
+                "incomplete_responses": self.incomplete_responses,
+            }
+
+
+@dataclass(eq=False)
+class RequestContext:
+    """Everything billing needs to know about one request (or one job), shared by reference.
+
+    ``direct`` contexts (jobs, :func:`commet_context`) enqueue each operation as soon as it is
+    recorded; request contexts keep them pending until the middleware knows the response.
+    """
+
+    sink: EventSink
+    settings: CommetSettings | None = None
+    request_id: str = field(default_factory=new_request_id)
+    # What the idempotency keys are derived from: the request id, or the client's key.
+    key_seed: str = ""
+    customer_id: str | None = None
+    direct: bool = False
+    reject_missing_customer: bool = False
+    status: int | None = None
+    pending: list[PendingUsage] = field(default_factory=list)
+    ordinals: dict[str, int] = field(default_factory=dict)
+    invalid_values: int = 0
+    # Set by @metered in reject mode when it refused to run for want of a customer.
+    customer_required: bool = False
+    # Once settled, nothing more is billed for this request except what the settle allowed.
+    settled: bool = False
+    billable_after_settle: bool = False
+    stats: MeteringStats | None = None
+    # Re-runs the middleware's customer resolver (sync only) for values that appear only once
+    # the app has routed the request or authenticated the user (path params, scope["user"]).
+    late_resolver: Callable[[], str | None] | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.key_seed:
+            self.key_seed = "request\x1f" + self.request_id
+
+    def customer(self) -> str | None:
+        """Return the customer id, asking the resolver again if none is known yet."""
+        if self.customer_id is None and self.late_resolver is not None:
+            self.customer_id = self.late_resolver()
+        return self.customer_id
+
+    def next_key(self, feature: str) -> str:
+        """Return the idempotency key for the next operation on ``feature`` in this context."""
+        with self._lock:
+            ordinal = self.ordinals.get(feature, 0) + 1
+            self.ordinals[feature] = ordinal
+        return derive_idempotency_key(self.key_seed, feature, ordinal)
+
+    def count_invalid(self) -> None:
+        """Count one usage value that could not be billed because it was invalid."""
+        with self._lock:
+            self.invalid_values += 1
+        if self.stats is not None:
+            self.stats.add("invalid_values")
+
+    def record(
+        self,
+        feature: str,
+        value: int | float,
+        properties: dict[str, str] | None,
+        customer_id: str | None = None,
+    ) -> None:
+        """Record one usage: pending in a request, enqueued at once in a direct context.
+
+        The caller has validated feature, value and properties. Raises
+        ``CustomerRequiredError`` only in a direct context that has no customer.
+        """
+        pending = PendingUsage(
+            feature=feature,
+            value=value,
+            properties=properties,
+            idempotency_key=self.next_key(feature),
+            timestamp=utc_timestamp(),
+            customer_id=customer_id,
+        )
+        if self.direct:
+            customer = customer_id or self.customer()
+            if customer is None:
+                raise CustomerRequiredError(
+                    f"no customer for {feature!r}: pass customer= to commet_context() or "
+                    "@metered(), or call set_customer() first"
+                )
+            self._enqueue(pending, customer)
+            return
+        with self._lock:
+            if not self.settled:
+                self.pending.append(pending)
+                return
+        # Recorded after the response was settled (e.g. in a background task that runs after
+        # the body was sent): bill it now if the response was billed, else say why not.
+        customer = customer_id or self.customer_id
+        if self.billable_after_settle and customer is not None:
+            self._enqueue(pending, customer)
+        else:
+            logger.warning(
+                "commet: usage of %r recorded after request %s had settled, and that request "
+                "was not billable or had no customer; not billed",
+                feature,
+                self.request_id,
+            )
+
+    def settle(self, *, billable: bool) -> int:
+        """Enqueue the pending operations if ``billable``; return how many were enqueued.
+
+        Runs once per request; later calls return 0. A billable request with no customer is
+        never billed to anyone: it is logged and counted as unattributed.
+        """
+        with self._lock:
+            if self.settled:
+                return 0
+            self.settled = True
+            self.billable_after_settle = billable
+            pending, self.pending = self.pending, []
+        if not billable or not pending:
+            return 0
+        sent = 0
+        unattributed = 0
+        for item in pending:
+            customer = item.customer_id or self.customer()
+            if customer is None:
+                unattributed += 1
+                continue
+            if self._enqueue(item, customer):
+                sent += 1
+        if unattributed:
+            logger.warning(
+                "commet: request %s succeeded with %d billable event(s) but no customer; "
+                "not billed to anyone (features: %s)",
+                self.request_id,
+                unattributed,
+                ", ".join(sorted({p.feature for p in pending if p.customer_id is None})),
+            )
+            if self.stats is not None:
+                self.stats.add("unattributed_requests")
+        return sent
+
+    def _enqueue(self, item: PendingUsage, customer: str) -> bool:
+        try:
+            event = UsageEvent.create(
+                customer,
+                item.feature,
+                item.value,
+                idempotency_key=item.idempotency_key,
+                timestamp=item.timestamp,
+                properties=item.properties,
+            )
+        except ValueError:
+            logger.exception("commet: could not build usage event for %r; not billed", item.feature)
+            self.count_invalid()
+            return False
+        try:
+            self.sink.enqueue(event)
+        except Exception:
+            # The contract says enqueue never raises; if a sink does, the request still succeeds.
+            logger.exception("commet: sink refused usage event %s", item.idempotency_key)
+            return False
+        if self.stats is not None:
+            self.stats.add("events_enqueued")
+        return True
+
+
+_current: ContextVar[RequestContext | None] = ContextVar("commet_request_context", default=None)
+
+
+def get_current_context() -> RequestContext | None:
+    """Return the billing context of the running request or job, or None outside one."""
+    return _current.get()
+
+
+def set_customer(customer_id: str) -> None:
+    """Set the customer the current request (or job context) is billed to.
+
+    Call it from auth code anywhere inside the request: a FastAPI dependency, a Flask
+    ``before_request``, a sync endpoint in a threadpool. Raises ``RuntimeError`` outside a
+    request or :func:`commet_context`, and ``ValueError`` for an empty id.
+    """
+    ctx = _current.get()
+    if ctx is None:
+        raise RuntimeError(
+            "set_customer() called outside a Commet request context: install CommetMiddleware "
+            "(or CommetWSGIMiddleware), or wrap the job in commet_context()"
+        )
+    ctx.customer_id = validate_customer_id(customer_id)
+
+
+def current_customer() -> str | None:
+    """Return the customer of the current request or job context, or None if unknown."""
+    ctx = _current.get()
+    return None if ctx is None else ctx.customer()
+
+
+@contextmanager
+def commet_context(
+    customer: str | None = None,
+    *,
+    sink: EventSink | None = None,
+    settings: CommetSettings | None = None,
+    idempotency_seed: str | None = None,
+) -> Iterator[RequestContext]:
+    """Run a block of non-web code (a worker job) as one billing context.
+
+    Operations recorded inside (``@metered``, ``track``) are enqueued as soon as the decorated
+    function returns, on ``customer`` or whatever ``set_customer`` set. Pass a stable
+    ``idempotency_seed`` (e.g. the job id) to make a retried job produce the same keys.
+    Without ``sink`` the default delivery queue for ``settings`` (or the environment) is used.
+    """
+    ctx = RequestContext(
+        sink=sink if sink is not None else default_sink(settings),
+        settings=settings,
+        key_seed=("job\x1f" + idempotency_seed) if idempotency_seed else "",
+        customer_id=validate_customer_id(customer) if customer is not None else None,
+        direct=True,
+    )
+    token = _current.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _current.reset(token)
+
+
+def default_sink(settings: CommetSettings | None = None) -> EventSink:
+    """Return the process-wide started delivery queue for ``settings`` (default: from env)."""
+    from ._delivery import default_queue  # the delivery pipeline is only needed when used
+    from ._settings import CommetSettings
+
+    queue = default_queue(settings or CommetSettings.from_env())
+    queue.start()
+    return queue
+
+
+MeterSpec: TypeAlias = "str | Mapping[str, str] | Callable[[Mapping[str, Any]], str | None] | None"
+"""Zero-code metering: one feature for every request, a table, or a function of the scope."""
+
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    "/health",
+    "/healthz",
+    "/docs",
+    "/redoc",
+    "/openapi.json",
+    "/favicon.ico",
+)
+
+REJECTION_BODY = json.dumps(
+    {
+        "error": {
+            "type": "authentication_error",
+            "code": "customer_required",
+            "message": "This request is billable and no customer could be identified for it.",
+        }
+    },
+    separators=(",", ":"),
+).encode("utf-8")
+
+
+def _default_bill_status(status: int) -> bool:
+    return status < 400
+
+
+class MeteringRules:
+    """What a middleware bills and how: shared by the ASGI and the WSGI middleware."""
+
+    def __init__(
+        self,
+        *,
+        meter: MeterSpec,
+        exclude: Iterable[str],
+        bill_status: Callable[[int], bool] | None,
+        on_missing_customer: Literal["serve", "reject"],
+    ) -> None:
+        if on_missing_customer not in ("serve", "reject"):
+            raise ValueError(
+                f"on_missing_customer must be 'serve' or 'reject', got {on_missing_customer!r}"
+            )
+        if isinstance(meter, str):
+            validate_feature_code(meter)
+        elif isinstance(meter, Mapping):
+            for feature in meter.values():
+                validate_feature_code(feature)
+        elif meter is not None and not callable(meter):
+            raise TypeError("meter must be a feature code, a mapping or a callable")
+        self.meter = meter
+        self.exclude = tuple(exclude)
+        self.bill_status = bill_status or _default_bill_status
+        self.reject_missing_customer = on_missing_customer == "reject"
+
+    def is_excluded(self, method: str, path: str, preflight: bool) -> bool:
+        """Return True when zero-code metering skips this request (health checks, docs, CORS)."""
+        if method == "OPTIONS" and preflight:
+            return True
+        for pattern in self.exclude:
+            if "*" in pattern:
+                if fnmatch.fnmatchcase(path, pattern):
+                    return True
+            elif path == pattern or path.startswith(pattern.rstrip("/") + "/"):
+                return True
+        return False
+
+    def zero_code_feature(
+        self,
+        source: Mapping[str, Any],
+        method: str,
+        path: str,
+        route: str | None,
+        preflight: bool,
+    ) -> str | None:
+        """Return the feature the middleware itself bills for this request, if any.
+
+        A mapping is looked up as ``"METHOD pattern"``, then ``"pattern"``, then ``"METHOD"``,
+        where a pattern is the route template (``/items/{item_id}``), the path, or a glob
+        (``/api/*``) matched against the path.
+        """
+        if self.meter is None or self.is_excluded(method, path, preflight):
+            return None
+        if isinstance(self.meter, str):
+            return self.meter
+        if isinstance(self.meter, Mapping):
+            return _lookup(self.meter, method, path, route)
+        try:
+            feature = self.meter(source)
+        except Exception:
+            logger.exception("commet: the meter= function failed; request not metered")
+            return None
+        if feature is None:
+            return None
+        try:
+            return validate_feature_code(feature)
+        except ValueError:
+            logger.exception("commet: the meter= function returned an invalid feature code")
+            return None
+
+    def billable_status(self, status: int | None) -> bool:
+        """Return True when a response with ``status`` is billed; a failing hook says no."""
+        if status is None:
+            return False
+        try:
+            return bool(self.bill_status(status))
+        except Exception:
+            logger.exception("commet: bill_status hook failed for %s; not billed", status)
+            return False
+
+
+def _lookup(table: Mapping[str, str], method: str, path: str, route: str | None) -> str | None:
+    candidates = [p for p in (route, path) if p]
+    for prefix in (method + " ", ""):
+        for candidate in candidates:
+            found = table.get(prefix + candidate)
+            if found is not None:
+                return found
+        for key, feature in table.items():
+            if "*" not in key or not key.startswith(prefix):
+                continue
+            pattern = key[len(prefix) :]
+            if pattern.startswith("/") and fnmatch.fnmatchcase(path, pattern):
+                return feature
+    return table.get(method)

@@ -1,0 +1,39 @@
+"""Idempotency keys for billable operations, derived from who and what made them."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+__all__ = ["KEY_PREFIX", "client_key_seed", "derive_idempotency_key", "new_request_id"]
+
+KEY_PREFIX = "cm_"
+# 32 hex characters (128 bits) is far beyond any collision risk for one customer's events and
+# keeps the key short enough for every Commet field that carries it.
+_DIGEST_LENGTH = 32
+# A separator that cannot appear in a feature code, a decimal ordinal or an HTTP method, so two
+# different inputs can never join into the same string.
+_SEP = "\x1f"
+
+
+def new_request_id() -> str:
+    """Return a fresh random id for one executed request (or job)."""
+    return uuid.uuid4().hex
+
+
+def client_key_seed(client_key: str, method: str, path: str) -> str:
+    """Return the seed for a request that carries the client's own ``Idempotency-Key``.
+
+    Method and path are bound in, so one client key reused on another endpoint names other events.
+    """
+    return _SEP.join(("client", method.upper(), path, client_key))
+
+
+def derive_idempotency_key(seed: str, feature: str, ordinal: int) -> str:
+    """Return ``cm_`` + 32 hex chars of sha256 over the request seed, feature and ordinal.
+
+    The same inputs always give the same key, so a retried delivery is recognised by Commet;
+    two executed requests have different seeds, so their events never collide.
+    """
+    material = _SEP.join(("commet-middleware/v1", seed, feature, str(ordinal)))
+    return KEY_PREFIX + hashlib.sha256(material.encode("utf-8")).hexdigest()[:_DIGEST_LENGTH]

@@ -1,0 +1,197 @@
+"""``@metered`` and ``track``: record billable usage from inside a request or a job."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, ParamSpec, TypeAlias, TypeVar, cast
+
+import wrapt
+
+from ._context import (
+    CustomerRequiredError,
+    RequestContext,
+    default_sink,
+    get_current_context,
+)
+from ._models import (
+    validate_customer_id,
+    validate_feature_code,
+    validate_properties,
+    validate_usage_value,
+)
+
+__all__ = ["CustomerSpec", "PropertiesSpec", "ValueSpec", "metered", "track"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+ValueSpec: TypeAlias = "int | float | Callable[[Any], object]"
+"""A usage value, or a function of the decorated function's return value that computes it."""
+PropertiesSpec: TypeAlias = "Mapping[str, str] | Callable[[Any], object] | None"
+"""Event properties, or a function of the decorated function's return value computing them."""
+CustomerSpec: TypeAlias = "str | Callable[..., object] | None"
+"""A customer id, or a function of the decorated function's arguments returning one."""
+
+logger = logging.getLogger("commet_middleware")
+
+
+def metered(
+    feature: str,
+    value: ValueSpec = 1,
+    properties: PropertiesSpec = None,
+    *,
+    customer: CustomerSpec = None,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Bill ``value`` units of ``feature`` each time the decorated function succeeds.
+
+    In a request (under ``CommetMiddleware`` / ``CommetWSGIMiddleware``) the usage is recorded
+    when the function returns and billed by the middleware only if the response succeeds (and,
+    for a streaming response, completes); an exception records nothing. The signature is left
+    untouched, so FastAPI still injects dependencies and documents parameters; sync functions
+    stay sync and async functions async. Put ``@app.get(...)`` outermost.
+
+    ``value`` and ``properties`` may be functions of the decorated function's *return value*
+    (e.g. ``value=lambda rows: len(rows)``); a computed value that is not a number >= 0 (or
+    properties that are not str to str) is logged as an error and counted, the response is
+    still served, and nothing is billed for that call. Constant ones are checked here.
+
+    ``customer`` (a customer id, or a function of the decorated function's arguments) bills a
+    fixed customer; it is what a plain function outside any request or ``commet_context``
+    needs. There, usage is enqueued as soon as the function returns, and calling it with no
+    customer raises ``CustomerRequiredError`` before the function runs.
+
+    Raises ``ValueError`` now for an invalid feature code, constant value or properties.
+    """
+    feature = validate_feature_code(feature)
+    if not callable(value):
+        validate_usage_value(value)
+    if properties is not None and not callable(properties):
+        validate_properties(dict(properties))
+    if isinstance(customer, str):
+        validate_customer_id(customer)
+    elif customer is not None and not callable(customer):
+        raise TypeError(f"customer must be a str or a callable, got {type(customer).__name__}")
+
+    def prepare(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[RequestContext, str | None]:
+        explicit = _explicit_customer(customer, args, kwargs)
+        ctx = get_current_context()
+        if ctx is None:
+            if explicit is None:
+                raise CustomerRequiredError(
+                    f"@metered({feature!r}) called outside a request with no customer: pass "
+                    "customer= to @metered, or run it inside commet_context(customer=...)"
+                )
+            return RequestContext(sink=default_sink(), customer_id=explicit, direct=True), explicit
+        if explicit is None and ctx.customer() is None:
+            if ctx.direct:
+                raise CustomerRequiredError(
+                    f"@metered({feature!r}) in a commet_context with no customer: pass "
+                    "customer= or call set_customer() first"
+                )
+            if ctx.reject_missing_customer:
+                # The middleware turns this into a 401 without the function doing unpaid work.
+                ctx.customer_required = True
+                raise CustomerRequiredError(f"request to bill {feature!r} has no customer")
+        return ctx, explicit
+
+    def finish(ctx: RequestContext, explicit: str | None, result: object) -> None:
+        _record(ctx, feature, value, properties, result, explicit)
+
+    def sync_wrapper(
+        wrapped: Callable[..., Any], instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        ctx, explicit = prepare(args, kwargs)
+        result = wrapped(*args, **kwargs)
+        finish(ctx, explicit, result)
+        return result
+
+    async def async_wrapper(
+        wrapped: Callable[..., Any], instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        ctx, explicit = prepare(args, kwargs)
+        result = await wrapped(*args, **kwargs)
+        finish(ctx, explicit, result)
+        return result
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+        )
+        wrapper = async_wrapper if is_async else sync_wrapper
+        # wrapt keeps __signature__, __wrapped__, the code flags and the class, so FastAPI and
+        # inspect.iscoroutinefunction see the original function.
+        return cast("Callable[P, R]", wrapt.FunctionWrapper(fn, wrapper))
+
+    return decorate
+
+
+def track(
+    feature: str, value: int | float = 1, properties: Mapping[str, str] | None = None
+) -> None:
+    """Record ``value`` units of ``feature`` for the current request or job context.
+
+    In a request it joins the usage billed if the response succeeds; in ``commet_context`` it is
+    enqueued at once. An invalid feature, value or properties is logged as an error and counted,
+    never raised, so the response is still served. Raises ``RuntimeError`` outside a request or
+    ``commet_context``, and ``CustomerRequiredError`` in a ``commet_context`` with no customer.
+    """
+    ctx = get_current_context()
+    if ctx is None:
+        raise RuntimeError(
+            f"track({feature!r}) called outside a Commet request context: install the "
+            "middleware, or wrap the job in commet_context(customer=...)"
+        )
+    try:
+        feature = validate_feature_code(feature)
+    except ValueError:
+        logger.exception("commet: track() with an invalid feature code; not billed")
+        ctx.count_invalid()
+        return
+    _record(ctx, feature, value, properties, None, None)
+
+
+def _explicit_customer(
+    customer: CustomerSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> str | None:
+    if customer is None:
+        return None
+    if isinstance(customer, str):
+        return customer
+    try:
+        found = customer(*args, **kwargs)
+    except Exception:
+        logger.exception("commet: the customer= function of @metered failed")
+        return None
+    if isinstance(found, str) and found.strip():
+        return found
+    return None
+
+
+def _record(
+    ctx: RequestContext,
+    feature: str,
+    value: ValueSpec,
+    properties: PropertiesSpec,
+    result: object,
+    explicit_customer: str | None,
+) -> None:
+    try:
+        computed_value = value(result) if callable(value) else value
+        checked_value = validate_usage_value(computed_value)
+        computed_props = properties(result) if callable(properties) else properties
+        if computed_props is not None and not isinstance(computed_props, Mapping):
+            raise ValueError(f"properties must be a mapping, got {type(computed_props).__name__}")
+        props = dict(computed_props) if computed_props is not None else None
+        validate_properties(props)
+    except Exception:
+        # Loud, counted, and never allowed to turn a served response into an error.
+        logger.exception(
+            "commet: could not compute the usage of %r for request %s; NOT billed",
+            feature,
+            ctx.request_id,
+        )
+        ctx.count_invalid()
+        return
+    ctx.record(feature, checked_value, props, explicit_customer)

@@ -1,0 +1,336 @@
+"""``CommetWSGIMiddleware``: the PEP 3333 middleware that bills successful requests (Flask...)."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._asgi import SinkOwner, build_settings
+from ._context import (
+    DEFAULT_EXCLUDE,
+    REJECTION_BODY,
+    CustomerRequiredError,
+    EventSink,
+    MeteringRules,
+    MeteringStats,
+    MeterSpec,
+    RequestContext,
+    _current,
+)
+from ._keys import client_key_seed, new_request_id
+from ._settings import CommetSettings, DeadLetterHook, Dialect
+from .customers import CustomerResolver, resolve_now
+
+__all__ = ["CommetWSGIMiddleware"]
+
+logger = logging.getLogger("commet_middleware")
+
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+Write = Callable[[bytes], object]
+
+
+class CommetWSGIMiddleware:
+    """Bill each successful WSGI request's usage to its customer through Commet.
+
+    Same options and rules as :class:`commet_middleware.CommetMiddleware`. Install it around
+    Flask's ``wsgi_app`` (``app.wsgi_app = CommetWSGIMiddleware(app.wsgi_app, ...)``). A
+    response is complete, and billed, when the server has consumed the whole body iterable;
+    one closed before that (client gone) is not billed. A ``wsgi.file_wrapper`` response is
+    handed back untouched and billed when the server closes it. Resolvers must be
+    sync here. There is no lifespan in WSGI: the queue starts on the first request and is
+    flushed by :meth:`close` (call it at shutdown) or by the queue's own exit hook.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        *,
+        customer: CustomerResolver | None = None,
+        meter: MeterSpec = None,
+        exclude: Iterable[str] = DEFAULT_EXCLUDE,
+        bill_status: Callable[[int], bool] | None = None,
+        on_missing_customer: Literal["serve", "reject"] = "serve",
+        idempotency_header: str | None = None,
+        sink: EventSink | None = None,
+        settings: CommetSettings | None = None,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        transport: Any = None,
+        dialect: Dialect | None = None,
+        api_version: str | None = None,
+        timeout: float | None = None,
+        spool_path: str | None = None,
+        dead_letter: DeadLetterHook | None = None,
+    ) -> None:
+        self.app = app
+        self.customer = customer
+        self.rules = MeteringRules(
+            meter=meter,
+            exclude=exclude,
+            bill_status=bill_status,
+            on_missing_customer=on_missing_customer,
+        )
+        self.idempotency_header = idempotency_header
+        self.settings = build_settings(
+            settings,
+            {
+                "api_key": api_key,
+                "base_url": base_url,
+                "transport": transport,
+                "dialect": dialect,
+                "api_version": api_version,
+                "timeout": timeout,
+                "spool_path": spool_path,
+                "dead_letter": dead_letter,
+            },
+        )
+        self.stats = MeteringStats()
+        self._sinks = SinkOwner(sink, self.settings)
+
+    @property
+    def sink(self) -> EventSink:
+        """The sink billable operations go to."""
+        return self._sinks.sink
+
+    def close(self) -> None:
+        """Flush and close the delivery queue this middleware owns (at worker shutdown)."""
+        self._sinks.close()
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("commet.applied"):
+            return self.app(environ, start_response)
+        environ["commet.applied"] = True
+        self._sinks.start()
+        return _WSGICall(self, environ, start_response).run()
+
+
+class _WSGICall:
+    """The middleware's state for one WSGI request."""
+
+    def __init__(
+        self,
+        middleware: CommetWSGIMiddleware,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+    ) -> None:
+        self.mw = middleware
+        self.environ = environ
+        self._start_response = start_response
+        self.started = False
+        self.rejected = False
+        self.feature: str | None = None
+        self.ctx = RequestContext(
+            sink=middleware.sink,
+            settings=middleware.settings,
+            key_seed=self._key_seed(),
+            reject_missing_customer=middleware.rules.reject_missing_customer,
+            stats=middleware.stats,
+        )
+        # The app and every chunk of its body run in this context, so @metered code that runs
+        # lazily inside a streamed body still finds the request.
+        self.context = contextvars.copy_context()
+        self.context.run(_current.set, self.ctx)
+
+    def _key_seed(self) -> str:
+        header = self.mw.idempotency_header
+        if header:
+            client_key = self.environ.get("HTTP_" + header.upper().replace("-", "_"))
+            if client_key:
+                method = str(self.environ.get("REQUEST_METHOD", ""))
+                return client_key_seed(client_key, method, self._path())
+        return "request\x1f" + new_request_id()
+
+    def _path(self) -> str:
+        return str(self.environ.get("SCRIPT_NAME", "")) + str(self.environ.get("PATH_INFO", ""))
+
+    def run(self) -> Iterable[bytes]:
+        ctx = self.ctx
+        resolver = self.mw.customer
+        if resolver is not None:
+            environ = self.environ
+            ctx.customer_id = resolve_now(resolver, environ)
+            ctx.late_resolver = lambda: resolve_now(resolver, environ)
+        try:
+            result = self.context.run(self.mw.app, self.environ, self.start_response)
+        except CustomerRequiredError:
+            # The app let @metered's refusal through (Flask in testing mode does).
+            if self.started and not self.rejected:
+                ctx.settle(billable=False)
+                raise
+            if not self.rejected:
+                self._reject(None)
+            return [REJECTION_BODY]
+        except BaseException:
+            ctx.settle(billable=False)
+            raise
+        wrapper_type = self.environ.get("wsgi.file_wrapper")
+        if (
+            not self.rejected
+            and isinstance(wrapper_type, type)
+            and isinstance(result, wrapper_type)
+            and self._hook_file_wrapper(result)
+        ):
+            return result
+        return _BillingIterable(self, result)
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
+    ) -> Write:
+        self.started = True
+        ctx = self.ctx
+        try:
+            ctx.status = int(status.split(None, 1)[0])
+        except ValueError:
+            ctx.status = None
+        if ctx.customer_id is None:
+            ctx.customer()
+        self.feature = self._zero_code_feature()
+        if self._must_reject():
+            self._reject(exc_info)
+            return _discard
+        if exc_info is not None:
+            return self._start_response(status, headers, exc_info)
+        return self._start_response(status, headers)
+
+    def _zero_code_feature(self) -> str | None:
+        environ = self.environ
+        method = str(environ.get("REQUEST_METHOD", "GET")).upper()
+        path = str(environ.get("PATH_INFO", "")) or "/"
+        # Flask (werkzeug) leaves its request, and through it the matched rule, in the environ.
+        rule = getattr(getattr(environ.get("werkzeug.request"), "url_rule", None), "rule", None)
+        preflight = "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ
+        return self.mw.rules.zero_code_feature(
+            environ, method, path, rule if isinstance(rule, str) else None, preflight
+        )
+
+    def _must_reject(self) -> bool:
+        ctx = self.ctx
+        if not ctx.reject_missing_customer:
+            return False
+        if ctx.customer_required:
+            return True
+        would_bill = bool(ctx.pending) or self.feature is not None
+        return would_bill and self.mw.rules.billable_status(ctx.status) and ctx.customer() is None
+
+    def _reject(self, exc_info: OptExcInfo | None) -> None:
+        self.rejected = True
+        self.started = True
+        self.mw.stats.add("rejected_requests")
+        self.ctx.settle(billable=False)
+        logger.warning(
+            "commet: rejected %s %s with 401: billable and no customer",
+            self.environ.get("REQUEST_METHOD"),
+            self._path(),
+        )
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(REJECTION_BODY))),
+        ]
+        if exc_info is not None:
+            self._start_response("401 Unauthorized", headers, exc_info)
+        else:
+            self._start_response("401 Unauthorized", headers)
+
+    def finish(self, *, complete: bool) -> None:
+        """Settle the request: billed only when the response completed with a billable status."""
+        ctx = self.ctx
+        if ctx.settled:
+            return
+        billable = complete and not self.rejected and self.mw.rules.billable_status(ctx.status)
+        if self.started and not complete and not self.rejected:
+            self.mw.stats.add("incomplete_responses")
+        if billable and self.feature is not None:
+            ctx.record(self.feature, 1, None)
+        ctx.settle(billable=billable)
+
+    def _hook_file_wrapper(self, result: object) -> bool:
+        # Returning the server's own file wrapper keeps its sendfile fast path; billing then
+        # happens when the server closes it, which it does after sending the file.
+        inner_close = getattr(result, "close", None)
+
+        def close() -> None:
+            try:
+                if inner_close is not None:
+                    self.context.run(inner_close)
+            finally:
+                self.finish(complete=sys.exc_info()[0] is None)
+
+        try:
+            result.close = close  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):
+            return False
+        return True
+
+
+def _discard(data: bytes) -> None:
+    """The ``write`` given to an app whose response was replaced by the 401."""
+
+
+class _BillingIterable:
+    """The body handed to the server: inner chunks in the request's context, then settle."""
+
+    def __init__(self, call: _WSGICall, inner: Iterable[bytes]) -> None:
+        self._call = call
+        self._inner = inner
+        self._iterator: Iterator[bytes] | None = None
+        self._exhausted = False
+        self._failed = False
+        self._closed = False
+        self._rejection_sent = False
+
+    def __iter__(self) -> _BillingIterable:
+        return self
+
+    def __next__(self) -> bytes:
+        call = self._call
+        if call.rejected:
+            return self._next_rejection_chunk()
+        try:
+            if self._iterator is None:
+                self._iterator = call.context.run(iter, self._inner)
+            chunk = call.context.run(next, self._iterator)
+        except StopIteration:
+            # The whole body is in the server's hands: the response is complete. Settling here
+            # rather than in close() also bills under clients that never close (werkzeug's
+            # test client unless buffered); close() still runs the inner close exactly once.
+            self._exhausted = True
+            call.finish(complete=True)
+            raise
+        except CustomerRequiredError:
+            # A lazy body (generator app) refused before calling start_response.
+            if call.started and not call.rejected:
+                self._failed = True
+                raise
+            if not call.rejected:
+                call._reject(None)
+            return self._next_rejection_chunk()
+        except BaseException:
+            self._failed = True
+            raise
+        if call.rejected:  # start_response in this very chunk decided to reject
+            return self._next_rejection_chunk()
+        return chunk
+
+    def _next_rejection_chunk(self) -> bytes:
+        if self._rejection_sent:
+            raise StopIteration
+        self._rejection_sent = True
+        return REJECTION_BODY
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        call = self._call
+        try:
+            inner_close = getattr(self._inner, "close", None)
+            if inner_close is not None:
+                call.context.run(inner_close)
+        finally:
+            call.finish(complete=self._exhausted and not self._failed)

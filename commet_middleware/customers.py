@@ -1,0 +1,300 @@
+"""Customer resolvers: small functions that find the paying customer of a request.
+
+A resolver takes the ASGI ``scope`` or the WSGI ``environ`` and returns the customer id, or
+None when the request does not say. It may return an awaitable (ASGI only). Pass one to the
+middleware's ``customer=``; combine several with :func:`first_of`. The middleware calls the
+resolver when the request arrives and, while no customer is known, again later in the request
+(when ``@metered`` or ``track`` records usage, and when the response starts), so values that
+only exist after routing or authentication (path params, ``scope["user"]``) are found too.
+Application code can always override with :func:`commet_middleware.set_customer`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from http.cookies import CookieError, SimpleCookie
+from typing import Any, TypeAlias
+from urllib.parse import parse_qs
+
+from ._context import CustomerRequiredError
+
+__all__ = [
+    "CustomerRequiredError",
+    "CustomerResolver",
+    "first_of",
+    "from_callable",
+    "from_cookie",
+    "from_environ",
+    "from_header",
+    "from_path_param",
+    "from_query",
+    "from_scope_user",
+    "from_state",
+    "is_asgi_scope",
+    "resolve_async",
+    "resolve_now",
+]
+
+_logger = logging.getLogger("commet_middleware")
+
+ResolverResult: TypeAlias = "str | Awaitable[str | None] | None"
+CustomerResolver: TypeAlias = Callable[[Mapping[str, Any]], ResolverResult]
+"""A function of the ASGI scope or WSGI environ returning the customer id (or an awaitable)."""
+
+
+def is_asgi_scope(source: Mapping[str, Any]) -> bool:
+    """Return True for an ASGI scope, False for a WSGI environ."""
+    return "REQUEST_METHOD" not in source and "type" in source
+
+
+def _clean(value: object) -> str | None:
+    # Only a non-blank string names a customer; anything else means "not said".
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if isinstance(value, str):
+        value = value.strip()
+        return value or None
+    return None
+
+
+def _header(source: Mapping[str, Any], name: str) -> str | None:
+    if is_asgi_scope(source):
+        wanted = name.lower().encode("latin-1")
+        for key, value in source.get("headers") or ():
+            if key.lower() == wanted:
+                return _clean(value)
+        return None
+    key = name.upper().replace("-", "_")
+    if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        key = "HTTP_" + key
+    return _clean(source.get(key))
+
+
+def from_header(name: str) -> CustomerResolver:
+    """Read the customer id from request header ``name`` (ASGI and WSGI).
+
+    Use header identity **only behind a trusted gateway** that sets the header itself and strips
+    any value sent by the client: otherwise any caller can bill any customer.
+    """
+
+    def resolve(source: Mapping[str, Any]) -> str | None:
+        return _header(source, name)
+
+    return resolve
+
+
+def from_query(name: str) -> CustomerResolver:
+    """Read the customer id from query parameter ``name`` (ASGI and WSGI).
+
+    Like a header, a query parameter is whatever the client sent: trust it only when something
+    upstream has authenticated it.
+    """
+
+    def resolve(source: Mapping[str, Any]) -> str | None:
+        if is_asgi_scope(source):
+            raw = source.get("query_string", b"")
+            query = raw.decode("latin-1") if isinstance(raw, bytes) else str(raw)
+        else:
+            query = str(source.get("QUERY_STRING", ""))
+        values = parse_qs(query).get(name)
+        return _clean(values[0]) if values else None
+
+    return resolve
+
+
+def from_path_param(name: str) -> CustomerResolver:
+    """Read the customer id from path parameter ``name`` once the app has routed the request.
+
+    ASGI: ``scope["path_params"]`` (Starlette, FastAPI). WSGI: the ``wsgiorg.routing_args``
+    environ key when a router sets it (Flask does not: use ``set_customer`` in
+    ``before_request`` with ``request.view_args`` there).
+    """
+
+    def resolve(source: Mapping[str, Any]) -> str | None:
+        if is_asgi_scope(source):
+            return _clean((source.get("path_params") or {}).get(name))
+        routing_args = source.get("wsgiorg.routing_args")
+        if isinstance(routing_args, tuple) and len(routing_args) == 2:
+            return _clean(routing_args[1].get(name))
+        return None
+
+    return resolve
+
+
+def from_scope_user(attr: str | Callable[[Any], object] = "identity") -> CustomerResolver:
+    """Read the customer id from the authenticated user of the request.
+
+    ASGI: ``scope["user"]`` as set by Starlette's ``AuthenticationMiddleware``; ``attr`` is the
+    attribute to read (default ``identity``) or a function of the user. Unauthenticated users
+    give None. WSGI: ``environ["REMOTE_USER"]`` when ``attr`` is left at its default.
+    """
+
+    def resolve(source: Mapping[str, Any]) -> str | None:
+        if not is_asgi_scope(source):
+            return _clean(source.get("REMOTE_USER")) if attr == "identity" else None
+        user = source.get("user")
+        if user is None or getattr(user, "is_authenticated", True) is False:
+            return None
+        if callable(attr):
+            return _clean(attr(user))
+        try:
+            return _clean(getattr(user, attr, None))
+        except NotImplementedError:  # starlette's BaseUser leaves identity abstract
+            return None
+
+    return resolve
+
+
+def from_state(attr: str) -> CustomerResolver:
+    """Read the customer id from ``request.state.<attr>`` (ASGI ``scope["state"]`` only).
+
+    Set it from auth middleware or a dependency; the middleware finds it later in the request.
+    """
+
+    def resolve(source: Mapping[str, Any]) -> str | None:
+        state = source.get("state") if is_asgi_scope(source) else None
+        if isinstance(state, Mapping):
+            return _clean(state.get(attr))
+        return _clean(getattr(state, attr, None)) if state is not None else None
+
+    return resolve
+
+
+def from_environ(key: str) -> CustomerResolver:
+    """Read the customer id from WSGI ``environ[key]`` (in ASGI, from ``scope[key]``).
+
+    Useful when an outer middleware or the server (e.g. ``REMOTE_USER``) has put it there.
+    """
+
+    def resolve(source: Mapping[str, Any]) -> str | None:
+        return _clean(source.get(key))
+
+    return resolve
+
+
+def from_cookie(name: str) -> CustomerResolver:
+    """Read the customer id from cookie ``name`` (ASGI and WSGI).
+
+    A cookie is client input: use it only when it is signed or otherwise verified upstream.
+    """
+
+    def resolve(source: Mapping[str, Any]) -> str | None:
+        raw = _header(source, "cookie")
+        if not raw:
+            return None
+        cookies: SimpleCookie = SimpleCookie()
+        try:
+            cookies.load(raw)
+        except CookieError:
+            return None
+        morsel = cookies.get(name)
+        return _clean(morsel.value) if morsel is not None else None
+
+    return resolve
+
+
+def from_callable(fn: Callable[[Mapping[str, Any]], object]) -> CustomerResolver:
+    """Use ``fn(scope_or_environ)``, sync or async, as the resolver.
+
+    Its result counts only if it is a non-blank string. An async ``fn`` works only under ASGI,
+    and only at the points where the middleware can await (request start, response start).
+    """
+    if inspect.iscoroutinefunction(fn):
+
+        async def resolve_async(source: Mapping[str, Any]) -> str | None:
+            return _clean(await fn(source))
+
+        return resolve_async
+
+    def resolve(source: Mapping[str, Any]) -> ResolverResult:
+        result = fn(source)
+        if inspect.isawaitable(result):
+            return _await_clean(result)
+        return _clean(result)
+
+    return resolve
+
+
+async def _await_clean(result: Awaitable[object]) -> str | None:
+    return _clean(await result)
+
+
+def first_of(*resolvers: CustomerResolver) -> CustomerResolver:
+    """Try ``resolvers`` in order and return the first customer id found."""
+    if not resolvers:
+        raise ValueError("first_of() needs at least one resolver")
+
+    def resolve(source: Mapping[str, Any]) -> ResolverResult:
+        for index, resolver in enumerate(resolvers):
+            result = _guarded(resolver, source)
+            if inspect.isawaitable(result):
+                return _continue_async(result, resolvers[index + 1 :], source)
+            if result is not None:
+                return result
+        return None
+
+    return resolve
+
+
+async def _continue_async(
+    first: Awaitable[str | None],
+    rest: tuple[CustomerResolver, ...],
+    source: Mapping[str, Any],
+) -> str | None:
+    try:
+        found = await first
+    except Exception:
+        _logger.exception("commet: a customer resolver in first_of() failed; trying the next")
+        found = None
+    if found is not None:
+        return found
+    for resolver in rest:
+        result = _guarded(resolver, source)
+        if inspect.isawaitable(result):
+            try:
+                result = await result
+            except Exception:
+                _logger.exception("commet: a customer resolver in first_of() failed")
+                result = None
+        if result is not None:
+            return result
+    return None
+
+
+def _guarded(resolver: CustomerResolver, source: Mapping[str, Any]) -> ResolverResult:
+    # One broken resolver in a chain must not hide the answer of the next one.
+    try:
+        return resolver(source)
+    except Exception:
+        _logger.exception("commet: customer resolver %r failed; trying the next", resolver)
+        return None
+
+
+def resolve_now(resolver: CustomerResolver, source: Mapping[str, Any]) -> str | None:
+    """Run ``resolver`` without awaiting; errors and async results are logged, never raised."""
+    try:
+        result = resolver(source)
+    except Exception:
+        _logger.exception("commet: customer resolver %r failed; treating as no customer", resolver)
+        return None
+    if inspect.isawaitable(result):
+        # Only a sync call site gets here (WSGI, or a sync endpoint): the value cannot be read.
+        if inspect.iscoroutine(result):
+            result.close()
+        _logger.debug("commet: async customer resolver skipped at a sync call site")
+        return None
+    return _clean(result)
+
+
+async def resolve_async(resolver: CustomerResolver, source: Mapping[str, Any]) -> str | None:
+    """Run ``resolver``, awaiting it if needed; errors are logged, never raised."""
+    try:
+        result = resolver(source)
+        if inspect.isawaitable(result):
+            result = await result
+    except Exception:
+        _logger.exception("commet: customer resolver %r failed; treating as no customer", resolver)
+        return None
+    return _clean(result)

@@ -1,0 +1,482 @@
+"""Raw ASGI mechanics of CommetMiddleware, with a list sink and hand-written ASGI apps."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from commet_middleware import CommetMiddleware, metered, set_customer, track
+from commet_middleware._context import RequestContext, get_current_context
+from commet_middleware._keys import derive_idempotency_key
+from commet_middleware.customers import from_header, from_path_param
+
+from .conftest import ListSink
+
+App = ASGIApp
+
+
+def http_scope(
+    path: str = "/", method: str = "GET", headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+    }
+
+
+async def drive(
+    app: App, scope: dict[str, Any], incoming: list[Message] | None = None
+) -> list[Message]:
+    """Run one ASGI call; return what the app sent. After the request body, a disconnect."""
+    sent: list[Message] = []
+    queue = list(incoming or [{"type": "http.request", "body": b"", "more_body": False}])
+
+    async def receive() -> Message:
+        if queue:
+            return queue.pop(0)
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+def run(app: App, scope: dict[str, Any], incoming: list[Message] | None = None) -> list[Message]:
+    return asyncio.run(drive(app, scope, incoming))
+
+
+def responder(
+    status: int = 200,
+    chunks: tuple[bytes, ...] = (b"ok",),
+    *,
+    before: Callable[[], None] | None = None,
+    after: Callable[[], None] | None = None,
+) -> App:
+    """An ASGI app that runs ``before``, answers ``status`` with ``chunks``, then runs ``after``."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if before is not None:
+            before()
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        for index, chunk in enumerate(chunks):
+            more = index < len(chunks) - 1
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
+        if after is not None:
+            after()
+
+    return app
+
+
+def customer_mw(app: App, sink: ListSink, **options: Any) -> CommetMiddleware:
+    return CommetMiddleware(app, customer=from_header("X-Customer"), sink=sink, **options)
+
+
+def test_metered_success_is_billed_once_to_the_request_customer(sink: ListSink) -> None:
+    """A 200 with one @metered call enqueues exactly one event on the header's customer."""
+
+    @metered("api_calls")
+    def work() -> None:
+        pass
+
+    mw = customer_mw(responder(before=work), sink)
+    run(mw, http_scope(headers={"X-Customer": "cus_1"}))
+    assert [(e.customer_id, e.feature, e.value) for e in sink.events] == [("cus_1", "api_calls", 1)]
+    assert mw.stats.events_enqueued == 1
+
+
+@pytest.mark.parametrize("status", [400, 404, 422, 500, 503])
+def test_error_statuses_are_not_billed(sink: ListSink, status: int) -> None:
+    """4xx and 5xx responses bill nothing even when usage was recorded."""
+    mw = customer_mw(responder(status, before=lambda: track("api_calls")), sink)
+    run(mw, http_scope(headers={"X-Customer": "cus_1"}))
+    assert sink.events == []
+
+
+def test_bill_status_hook_decides(sink: ListSink) -> None:
+    """A custom bill_status replaces the default < 400 rule."""
+    mw = customer_mw(
+        responder(404, before=lambda: track("api_calls")), sink, bill_status=lambda s: s != 500
+    )
+    run(mw, http_scope(headers={"X-Customer": "cus_1"}))
+    assert len(sink.events) == 1
+
+
+def test_exception_in_the_app_is_not_billed_and_propagates(sink: ListSink) -> None:
+    """An app that raises after recording usage bills nothing; the error reaches the server."""
+
+    def boom() -> None:
+        track("api_calls")
+        raise RuntimeError("boom")
+
+    mw = customer_mw(responder(before=boom), sink)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(mw, http_scope(headers={"X-Customer": "cus_1"}))
+    assert sink.events == []
+
+
+def test_streaming_is_billed_only_when_the_last_chunk_is_sent(sink: ListSink) -> None:
+    """A streamed response is billed once, after more_body=False has been forwarded."""
+    seen_during_stream: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        track("api_calls")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(3):
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            seen_during_stream.append(len(sink.events))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        seen_during_stream.append(len(sink.events))
+
+    run(customer_mw(app, sink), http_scope(headers={"X-Customer": "cus_1"}))
+    assert seen_during_stream == [0, 0, 0, 1]
+
+
+def test_client_disconnect_mid_stream_is_not_billed(sink: ListSink) -> None:
+    """A stream that ends because the client left (no final chunk) is not billed, but counted."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        track("api_calls")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        await receive()  # the body
+        message = await receive()
+        assert message["type"] == "http.disconnect"
+
+    mw = customer_mw(app, sink)
+    run(mw, http_scope(headers={"X-Customer": "cus_1"}))
+    assert sink.events == []
+    assert mw.stats.incomplete_responses == 1
+
+
+def test_messages_are_forwarded_immediately(sink: ListSink) -> None:
+    """The response start reaches the server before the app sends the body (no buffering)."""
+    sent: list[Message] = []
+    observed: list[list[str]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        observed.append([m["type"] for m in sent])
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        observed.append([m["type"] for m in sent])
+        await send({"type": "http.response.body", "body": b"b"})
+
+    async def main() -> None:
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await customer_mw(app, sink)(http_scope(), receive, send)
+
+    asyncio.run(main())
+    assert observed == [
+        ["http.response.start"],
+        ["http.response.start", "http.response.body"],
+    ]
+
+
+def test_context_var_is_reset_after_the_request(sink: ListSink) -> None:
+    """The request context is visible inside the app and gone afterwards."""
+    inside: list[object] = []
+
+    async def main() -> None:
+        mw = customer_mw(responder(before=lambda: inside.append(get_current_context())), sink)
+        await drive(mw, http_scope())
+        assert get_current_context() is None
+
+    asyncio.run(main())
+    assert inside[0] is not None
+
+
+def test_non_http_scopes_pass_through(sink: ListSink) -> None:
+    """Websocket scopes go straight to the app, with no billing context."""
+    seen: list[object] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append((scope["type"], get_current_context()))
+
+    asyncio.run(customer_mw(app, sink)({"type": "websocket", "path": "/"}, None, None))  # type: ignore[arg-type]
+    assert seen == [("websocket", None)]
+
+
+def test_installed_twice_bills_once(sink: ListSink) -> None:
+    """The commet.applied scope key stops a second instance from billing the same request."""
+    app = responder(before=lambda: track("api_calls"))
+    mw = customer_mw(customer_mw(app, sink), sink, meter="api_calls")
+    run(mw, http_scope(headers={"X-Customer": "cus_1"}))
+    assert [e.feature for e in sink.events] == ["api_calls", "api_calls"]  # track + zero-code
+    assert len({e.idempotency_key for e in sink.events}) == 2
+
+
+def test_set_customer_late_in_the_request_wins(sink: ListSink) -> None:
+    """set_customer from app code (after the resolver ran) decides who is billed."""
+
+    def auth() -> None:
+        set_customer("cus_from_auth")
+        track("api_calls")
+
+    run(customer_mw(responder(before=auth), sink), http_scope(headers={"X-Customer": "cus_1"}))
+    assert [e.customer_id for e in sink.events] == ["cus_from_auth"]
+
+
+def test_path_param_resolver_finds_the_customer_after_routing(sink: ListSink) -> None:
+    """A resolver that needs routing (path params) is asked again once the router has run."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["path_params"] = {"org": "cus_routed"}  # what a router does
+        track("api_calls")
+        await responder()(scope, receive, send)
+
+    mw = CommetMiddleware(app, customer=from_path_param("org"), sink=sink)
+    run(mw, http_scope("/orgs/cus_routed"))
+    assert [e.customer_id for e in sink.events] == ["cus_routed"]
+
+
+def test_usage_after_the_response_completed_is_billed(sink: ListSink) -> None:
+    """track() in a background task (after the body was sent) is still billed, exactly once."""
+    mw = customer_mw(responder(after=lambda: track("emails_sent")), sink)
+    run(mw, http_scope(headers={"X-Customer": "cus_1"}))
+    assert [e.feature for e in sink.events] == ["emails_sent"]
+
+
+def test_keys_are_distinct_per_request_and_per_call(sink: ListSink) -> None:
+    """Two calls in one request and the same call in two requests all get different keys."""
+
+    def twice() -> None:
+        track("api_calls")
+        track("api_calls")
+
+    mw = customer_mw(responder(before=twice), sink)
+    for _ in range(2):
+        run(mw, http_scope(headers={"X-Customer": "cus_1"}))
+    assert len({e.idempotency_key for e in sink.events}) == 4
+
+
+def test_client_idempotency_key_opt_in_dedupes_retries(sink: ListSink) -> None:
+    """With idempotency_header, a client retry derives the same keys; another path does not."""
+    mw = customer_mw(
+        responder(before=lambda: track("api_calls")), sink, idempotency_header="Idempotency-Key"
+    )
+    headers = {"X-Customer": "cus_1", "Idempotency-Key": "abc"}
+    run(mw, http_scope("/a", "POST", headers))
+    run(mw, http_scope("/a", "POST", headers))
+    run(mw, http_scope("/b", "POST", headers))
+    keys = [e.idempotency_key for e in sink.events]
+    assert keys[0] == keys[1] != keys[2]
+
+
+def test_zero_code_bills_every_successful_request(sink: ListSink) -> None:
+    """meter='api_calls' bills each 2xx request once and never a 4xx."""
+    ok = customer_mw(responder(), sink, meter="api_calls")
+    bad = customer_mw(responder(404), sink, meter="api_calls")
+    for _ in range(3):
+        run(ok, http_scope("/search", headers={"X-Customer": "cus_1"}))
+    run(bad, http_scope("/missing", headers={"X-Customer": "cus_1"}))
+    assert [(e.customer_id, e.feature) for e in sink.events] == [("cus_1", "api_calls")] * 3
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "headers"),
+    [
+        ("/health", "GET", {}),
+        ("/healthz", "GET", {}),
+        ("/docs", "GET", {}),
+        ("/docs/oauth2-redirect", "GET", {}),
+        ("/redoc", "GET", {}),
+        ("/openapi.json", "GET", {}),
+        ("/favicon.ico", "GET", {}),
+        ("/search", "OPTIONS", {"Access-Control-Request-Method": "GET"}),
+    ],
+)
+def test_zero_code_default_exclusions(
+    sink: ListSink, path: str, method: str, headers: dict[str, str]
+) -> None:
+    """Health checks, docs and CORS preflights are never billed in zero-code mode."""
+    mw = customer_mw(responder(), sink, meter="api_calls")
+    run(mw, http_scope(path, method, {"X-Customer": "cus_1", **headers}))
+    assert sink.events == []
+
+
+def test_zero_code_mapping_and_callable_meters(sink: ListSink) -> None:
+    """A meter table matches METHOD+pattern, pattern, glob or method; a callable decides itself."""
+
+    async def routed(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"].startswith("/items/"):
+            scope["route"] = type("Route", (), {"path": "/items/{item_id}"})()
+        await responder()(scope, receive, send)
+
+    table = {
+        "POST /items/{item_id}": "item_writes",
+        "/items/{item_id}": "item_reads",
+        "/export/*": "exports",
+        "DELETE": "deletes",
+    }
+    mw = customer_mw(routed, sink, meter=table)
+    for path, method in [
+        ("/items/1", "POST"),
+        ("/items/2", "GET"),
+        ("/export/csv", "GET"),
+        ("/other", "DELETE"),
+        ("/other", "GET"),
+    ]:
+        run(mw, http_scope(path, method, {"X-Customer": "cus_1"}))
+    assert [e.feature for e in sink.events] == ["item_writes", "item_reads", "exports", "deletes"]
+
+    sink.operations.clear()
+    by_fn = customer_mw(
+        responder(), sink, meter=lambda scope: "posts" if scope["method"] == "POST" else None
+    )
+    run(by_fn, http_scope("/x", "POST", {"X-Customer": "cus_1"}))
+    run(by_fn, http_scope("/x", "GET", {"X-Customer": "cus_1"}))
+    assert [e.feature for e in sink.events] == ["posts"]
+
+
+def test_missing_customer_is_served_counted_and_never_billed(sink: ListSink) -> None:
+    """Default mode serves a billable request with no customer, bills nobody, counts it."""
+    mw = customer_mw(responder(before=lambda: track("api_calls")), sink, meter="api_calls")
+    sent = run(mw, http_scope())
+    assert sent[0]["status"] == 200
+    assert sink.events == []
+    assert mw.stats.unattributed_requests == 1
+
+
+def test_reject_mode_zero_code_answers_401_json(sink: ListSink) -> None:
+    """on_missing_customer='reject' replaces a billable response with a 401 customer_required."""
+    mw = customer_mw(responder(), sink, meter="api_calls", on_missing_customer="reject")
+    sent = run(mw, http_scope("/search"))
+    assert sent[0]["status"] == 401
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert body["error"]["type"] == "authentication_error"
+    assert body["error"]["code"] == "customer_required"
+    assert sink.events == []
+    assert mw.stats.rejected_requests == 1
+    # Requests that would not bill are served as usual.
+    assert run(mw, http_scope("/health"))[0]["status"] == 200
+
+
+def test_reject_mode_metered_refuses_before_running(sink: ListSink) -> None:
+    """In reject mode a @metered function with no customer does not run; the client gets 401."""
+    ran: list[int] = []
+
+    @metered("api_calls")
+    def work() -> None:
+        ran.append(1)
+
+    mw = customer_mw(responder(before=work), sink, on_missing_customer="reject")
+    sent = run(mw, http_scope())
+    assert sent[0]["status"] == 401
+    assert ran == []
+    ok = run(mw, http_scope(headers={"X-Customer": "cus_1"}))
+    assert ok[0]["status"] == 200
+    assert ran == [1]
+    assert len(sink.events) == 1
+
+
+class _FakeQueue:
+    """Stands in for DeliveryQueue to observe the lifecycle calls."""
+
+    log: list[str]
+
+    def __init__(self, settings: object) -> None:
+        self.log = []
+
+    def enqueue(self, operation: object) -> None:
+        self.log.append("enqueue")
+
+    def start(self) -> None:
+        self.log.append("start")
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        self.log.append("aclose")
+
+
+def test_lifespan_starts_and_flushes_the_owned_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Startup starts the queue; the queue is closed before shutdown.complete is forwarded."""
+    monkeypatch.setattr("commet_middleware._delivery.DeliveryQueue", _FakeQueue)
+    order: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "lifespan"
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    mw = CommetMiddleware(app, api_key="ck_test")
+    queue = mw.sink
+    assert isinstance(queue, _FakeQueue)
+
+    async def main() -> None:
+        incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+        async def receive() -> Message:
+            return incoming.pop(0)
+
+        async def send(message: Message) -> None:
+            order.extend(queue.log)
+            queue.log.clear()
+            order.append(message["type"])
+
+        await mw({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+
+    asyncio.run(main())
+    assert order == ["start", "lifespan.startup.complete", "aclose", "lifespan.shutdown.complete"]
+
+
+def test_queue_starts_lazily_without_lifespan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no lifespan, the first request starts the owned queue (once)."""
+    monkeypatch.setattr("commet_middleware._delivery.DeliveryQueue", _FakeQueue)
+    mw = CommetMiddleware(responder(), api_key="ck_test")
+    run(mw, http_scope())
+    run(mw, http_scope())
+    assert isinstance(mw.sink, _FakeQueue)
+    assert mw.sink.log == ["start"]
+
+
+def test_resolver_errors_never_break_the_request(sink: ListSink, allow_commet_errors: None) -> None:
+    """A resolver that raises is logged; the request is served and billed to nobody."""
+
+    def broken(source: Any) -> str:
+        raise RuntimeError("resolver bug")
+
+    mw = CommetMiddleware(responder(before=lambda: track("api_calls")), customer=broken, sink=sink)
+    assert run(mw, http_scope())[0]["status"] == 200
+    assert sink.events == []
+
+
+def test_keys_are_derived_once_from_the_request_seed(sink: ListSink) -> None:
+    """Each event's key is the request seed + feature + ordinal, fixed when it was recorded."""
+    contexts: list[RequestContext] = []
+
+    def work() -> None:
+        context = get_current_context()
+        assert context is not None
+        contexts.append(context)
+        track("api_calls")
+        track("api_calls")
+        track("tokens", 5)
+
+    run(customer_mw(responder(before=work), sink), http_scope(headers={"X-Customer": "cus_1"}))
+    seed = contexts[0].key_seed
+    assert [e.idempotency_key for e in sink.events] == [
+        derive_idempotency_key(seed, "api_calls", 1),
+        derive_idempotency_key(seed, "api_calls", 2),
+        derive_idempotency_key(seed, "tokens", 1),
+    ]

@@ -1,0 +1,42 @@
+"""Idempotency key derivation."""
+
+from __future__ import annotations
+
+import re
+
+from commet_middleware._keys import client_key_seed, derive_idempotency_key, new_request_id
+
+
+def test_key_shape_is_prefixed_fixed_length_hex() -> None:
+    """A key is ``cm_`` followed by 32 lowercase hex characters."""
+    key = derive_idempotency_key("request\x1fabc", "api_calls", 1)
+    assert re.fullmatch(r"cm_[0-9a-f]{32}", key)
+
+
+def test_same_inputs_give_the_same_key() -> None:
+    """Derivation is deterministic, so a retried delivery carries the same key."""
+    assert derive_idempotency_key("s", "api_calls", 3) == derive_idempotency_key(
+        "s", "api_calls", 3
+    )
+
+
+def test_seed_feature_and_ordinal_each_change_the_key() -> None:
+    """Changing the request seed, the feature or the ordinal gives a different key."""
+    base = derive_idempotency_key("s", "api_calls", 1)
+    assert derive_idempotency_key("t", "api_calls", 1) != base
+    assert derive_idempotency_key("s", "tokens", 1) != base
+    assert derive_idempotency_key("s", "api_calls", 2) != base
+
+
+def test_request_ids_are_distinct() -> None:
+    """Every executed request gets its own id."""
+    assert len({new_request_id() for _ in range(1000)}) == 1000
+
+
+def test_client_key_seed_binds_method_and_path() -> None:
+    """One client Idempotency-Key on another method or path names other events."""
+    seed = client_key_seed("k1", "post", "/a")
+    assert seed == client_key_seed("k1", "POST", "/a")
+    assert seed != client_key_seed("k1", "PUT", "/a")
+    assert seed != client_key_seed("k1", "POST", "/b")
+    assert seed != client_key_seed("k2", "POST", "/a")
