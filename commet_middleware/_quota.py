@@ -1,0 +1,883 @@
+"""Decide, before a request runs, whether a customer's quota allows it: the core of quota_guard.
+
+Framework-independent: the decorators ask :class:`QuotaGate` for a :class:`QuotaDecision`, run
+the endpoint, then ``commit`` the decision's reservation (and enqueue the returned
+:class:`QuotaChange`) or ``release`` it.
+
+How a check is answered, cheapest first:
+
+1. A fresh allowance in :class:`AllowanceCache` (no network). Our own commits keep it exact.
+2. A cold or expired entry: ONE ``get_quota`` with ``settings.quota_timeout`` and no retries;
+   concurrent misses for the same (customer, feature) share that one request (single-flight,
+   in asyncio tasks and in threads alike).
+3. Commet down or slow: ``on_unavailable="open"`` (default) decides from the last known
+   allowance however old (``degraded=True``), or with none allows blind (``degraded=True``; the
+   quota add is still enqueued, so Commet's balance reconciles); ``"closed"`` refuses (503).
+
+Concurrent requests racing for the last units are kept honest by a :class:`ReservationStore`:
+an allowed request holds ``count`` units until it commits or releases, and every check
+subtracts the units held in flight.
+
+A known limit: a commit moves the cached balance at once, but the quota add reaches Commet
+later through the delivery pipeline. A refetch (TTL expiry) in that gap sees Commet's older
+balance; the pipeline should call ``cache.apply_new_balance`` with each confirmed result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Literal, NamedTuple, Protocol
+
+from ._client import AsyncCommetClient, CommetClient
+from ._errors import CommetAPIError, CommetError, CommetTransportError
+from ._models import QuotaChange, validate_feature_code, validate_quota_count
+from ._results import QuotaAllowance
+from ._settings import CommetSettings
+
+__all__ = [
+    "COMMET_REFUSAL_CODES",
+    "AllowanceCache",
+    "AllowanceLookup",
+    "InMemoryReservationStore",
+    "OnUnavailable",
+    "QuotaDecision",
+    "QuotaGate",
+    "QuotaStats",
+    "Reservation",
+    "ReservationStore",
+    "ratelimit_headers",
+    "refusal_body",
+    "status_for",
+]
+
+logger = logging.getLogger("commet_middleware.quota")
+
+OnUnavailable = Literal["open", "closed"]
+Number = int | float
+Clock = Callable[[], float]
+_Key = tuple[str, str]
+
+# Commet answers that mean "this customer may not use this feature": refusals, never outages.
+COMMET_REFUSAL_CODES = frozenset(
+    {"customer_not_found", "no_active_subscription", "feature_not_found", "feature_not_in_plan"}
+)
+
+# The HTTP status a refusal maps to; see status_for for the reasoning.
+_STATUS = {
+    "quota_exceeded": 402,
+    "no_active_subscription": 402,
+    "customer_not_found": 402,
+    "feature_not_in_plan": 403,
+    "customer_required": 401,
+    "feature_not_found": 500,
+    "quota_unavailable": 503,
+}
+
+_MESSAGES = {
+    "quota_exceeded": "The {feature!r} quota is used up: {remaining} of {included} left, "
+    "{count} needed. Upgrade the plan or free some units.",
+    "no_active_subscription": "No active subscription: subscribe to a plan to use {feature!r}.",
+    "customer_not_found": "No billing account for this customer: subscribe to use {feature!r}.",
+    "feature_not_in_plan": "The current plan does not include {feature!r}.",
+    "customer_required": "Sign in to use {feature!r}: no customer was identified.",
+    "feature_not_found": "{feature!r} is not configured for billing.",
+    "quota_unavailable": "The {feature!r} quota cannot be checked right now; try again shortly.",
+}
+
+
+# --- the allowance cache ---
+
+
+class AllowanceLookup(NamedTuple):
+    """One cache lookup: the allowance and how it was obtained.
+
+    ``source`` is ``"cache"`` (fresh entry, no network), ``"fetched"`` (this caller made the
+    request) or ``"shared"`` (this caller waited for another caller's request).
+    """
+
+    allowance: QuotaAllowance
+    source: Literal["cache", "fetched", "shared"]
+
+
+@dataclass
+class _Entry:
+    allowance: QuotaAllowance
+    fetched_at: float
+
+
+class _Flight:
+    """One sync fetch in progress: the leader fills it in, followers wait on ``done``."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.allowance: QuotaAllowance | None = None
+        self.error: BaseException | None = None
+
+
+class AllowanceCache:
+    """Per (customer, feature) allowances with a short TTL, single-flight fetches, and the
+    last known value kept past expiry for fail-open.
+
+    Thread-safe, and safe across asyncio tasks. Errors are never cached: a failed fetch leaves
+    the entry as it was, and the next lookup tries again.
+    """
+
+    def __init__(
+        self,
+        ttl: float = 5.0,
+        *,
+        clock: Clock = time.monotonic,
+        max_entries: int = 10_000,
+        wait_timeout: float = 10.0,
+    ) -> None:
+        if ttl < 0:
+            raise ValueError("ttl must be >= 0")
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.ttl = ttl
+        self._clock = clock
+        self._max_entries = max_entries
+        # How long a sync follower waits for the leader's fetch before giving up (a timeout
+        # surfaces as CommetTransportError, i.e. "Commet unavailable").
+        self._wait_timeout = wait_timeout
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[_Key, _Entry] = OrderedDict()
+        self._flights: dict[_Key, _Flight] = {}
+        self._tasks: dict[_Key, asyncio.Task[QuotaAllowance]] = {}
+
+    # reads and writes
+
+    def fresh(self, customer_id: str, feature: str) -> QuotaAllowance | None:
+        """Return the cached allowance if it is younger than the TTL, else None."""
+        with self._lock:
+            entry = self._entries.get((customer_id, feature))
+            if entry is None or self._clock() - entry.fetched_at >= self.ttl:
+                return None
+            return entry.allowance
+
+    def last_known(self, customer_id: str, feature: str) -> QuotaAllowance | None:
+        """Return the last allowance seen, however old (None if never seen)."""
+        with self._lock:
+            entry = self._entries.get((customer_id, feature))
+            return None if entry is None else entry.allowance
+
+    def put(self, customer_id: str, feature: str, allowance: QuotaAllowance) -> None:
+        """Store an allowance Commet just answered; it is fresh for ``ttl`` seconds."""
+        with self._lock:
+            self._store((customer_id, feature), _Entry(allowance, self._clock()))
+
+    def apply_new_balance(self, customer_id: str, feature: str, new_balance: Number) -> None:
+        """Set the cached balance to ``new_balance`` (Commet's answer to one of our writes) and
+        recompute remaining and billed from ``included``; the entry is fresh again.
+
+        Does nothing when the entry is not cached: there is no ``included`` to compute from.
+        """
+        with self._lock:
+            key = (customer_id, feature)
+            entry = self._entries.get(key)
+            if entry is not None:
+                allowance = _with_balance(entry.allowance, new_balance)
+                self._store(key, _Entry(allowance, self._clock()))
+
+    def apply_delta(self, customer_id: str, feature: str, delta: Number) -> None:
+        """Move the cached balance by ``delta`` (a write of ours not yet confirmed by Commet).
+
+        The entry keeps its age, so the TTL still bounds how long Commet goes unasked.
+        """
+        with self._lock:
+            entry = self._entries.get((customer_id, feature))
+            if entry is not None:
+                new = max(entry.allowance.current + delta, 0)
+                entry.allowance = _with_balance(entry.allowance, new)
+
+    def invalidate(self, customer_id: str, feature: str) -> None:
+        """Forget the entry, stale copy included."""
+        with self._lock:
+            self._entries.pop((customer_id, feature), None)
+
+    def clear(self) -> None:
+        """Forget every entry."""
+        with self._lock:
+            self._entries.clear()
+
+    def _store(self, key: _Key, entry: _Entry) -> None:
+        # Caller holds the lock. Oldest-written first out: a bound, not a policy.
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    # single-flight lookups
+
+    def get(
+        self, customer_id: str, feature: str, fetch: Callable[[], QuotaAllowance]
+    ) -> AllowanceLookup:
+        """Return the fresh allowance, or fetch it once however many threads ask at once.
+
+        Followers get the leader's allowance, or its exception, re-raised in their thread.
+        """
+        key = (customer_id, feature)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and self._clock() - entry.fetched_at < self.ttl:
+                return AllowanceLookup(entry.allowance, "cache")
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+        if not leader:
+            if not flight.done.wait(self._wait_timeout):
+                raise CommetTransportError(
+                    f"timed out after {self._wait_timeout}s waiting for a quota read"
+                )
+            if flight.error is not None:
+                raise flight.error
+            if flight.allowance is None:  # the leader died of something it did not raise
+                raise CommetTransportError("a concurrent quota read ended without an answer")
+            return AllowanceLookup(flight.allowance, "shared")
+        try:
+            allowance = fetch()
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        else:
+            flight.allowance = allowance
+            self.put(customer_id, feature, allowance)
+            return AllowanceLookup(allowance, "fetched")
+        finally:
+            with self._lock:
+                self._flights.pop(key, None)
+            flight.done.set()
+
+    async def aget(
+        self,
+        customer_id: str,
+        feature: str,
+        fetch: Callable[[], Awaitable[QuotaAllowance]],
+    ) -> AllowanceLookup:
+        """Return the fresh allowance, or fetch it once however many tasks ask at once.
+
+        The fetch runs in its own task that every caller awaits through ``asyncio.shield``: a
+        cancelled caller does not cancel the request the others are waiting for.
+        """
+        key = (customer_id, feature)
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and self._clock() - entry.fetched_at < self.ttl:
+                return AllowanceLookup(entry.allowance, "cache")
+            shared = self._tasks.get(key)
+            # A task of another event loop cannot be awaited here: start a flight of our own.
+            leader = shared is None or shared.get_loop() is not loop
+            if shared is None or leader:
+                task = loop.create_task(self._fetch_and_store(key, fetch))
+                self._tasks[key] = task
+                task.add_done_callback(lambda done: self._forget_task(key, done))
+            else:
+                task = shared
+        allowance = await asyncio.shield(task)
+        return AllowanceLookup(allowance, "fetched" if leader else "shared")
+
+    async def _fetch_and_store(
+        self, key: _Key, fetch: Callable[[], Awaitable[QuotaAllowance]]
+    ) -> QuotaAllowance:
+        allowance = await fetch()
+        self.put(key[0], key[1], allowance)
+        return allowance
+
+    def _forget_task(self, key: _Key, task: asyncio.Task[QuotaAllowance]) -> None:
+        with self._lock:
+            if self._tasks.get(key) is task:
+                del self._tasks[key]
+        # Mark the exception retrieved: when every waiter was cancelled nobody else will.
+        if not task.cancelled():
+            task.exception()
+
+
+def _left(allowance: QuotaAllowance) -> Number | None:
+    # Units left before the included amount runs out; None when unlimited. An answer without
+    # ``remaining`` gets it derived as Commet defines it.
+    if allowance.unlimited:
+        return None
+    if allowance.remaining is not None:
+        return allowance.remaining
+    return max(allowance.included - allowance.current, 0)
+
+
+def _with_balance(allowance: QuotaAllowance, balance: Number) -> QuotaAllowance:
+    if allowance.unlimited:
+        return replace(allowance, current=balance)
+    over = max(balance - allowance.included, 0)
+    return replace(
+        allowance,
+        current=balance,
+        remaining=max(allowance.included - balance, 0),
+        # Billing follows the period's high-water mark: a lower balance never lowers it.
+        billed_quantity=max(allowance.billed_quantity, over),
+    )
+
+
+# --- reservations ---
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """``count`` units of a customer's feature held by one request until commit or release."""
+
+    customer_id: str
+    feature: str
+    count: int
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+class ReservationStore(Protocol):
+    """Where in-flight reservations live. Every method is atomic; all are quick and in-memory
+    (a Redis store, for several processes, can implement the same four methods)."""
+
+    def reserve(
+        self, customer_id: str, feature: str, count: int, limit: Number | None
+    ) -> Reservation | None:
+        """Hold ``count`` units if ``in_flight + count <= limit`` (None: no limit), else None."""
+        ...
+
+    def release(self, reservation: Reservation) -> bool:
+        """Give the units back; False if the reservation was already settled."""
+        ...
+
+    def commit(self, reservation: Reservation) -> bool:
+        """Settle the reservation as used; False if it was already settled."""
+        ...
+
+    def in_flight(self, customer_id: str, feature: str) -> int:
+        """Return the units currently held for the customer's feature."""
+        ...
+
+
+class InMemoryReservationStore:
+    """A :class:`ReservationStore` for one process, guarded by a ``threading.Lock``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[_Key, int] = {}
+        self._open: dict[str, Reservation] = {}
+
+    def reserve(
+        self, customer_id: str, feature: str, count: int, limit: Number | None
+    ) -> Reservation | None:
+        """Hold ``count`` units if ``in_flight + count <= limit`` (None: no limit), else None."""
+        key = (customer_id, feature)
+        with self._lock:
+            held = self._held.get(key, 0)
+            if limit is not None and held + count > limit:
+                return None
+            reservation = Reservation(customer_id, feature, count)
+            self._held[key] = held + count
+            self._open[reservation.id] = reservation
+            return reservation
+
+    def _settle(self, reservation: Reservation) -> bool:
+        with self._lock:
+            if self._open.pop(reservation.id, None) is None:
+                return False
+            key = (reservation.customer_id, reservation.feature)
+            left = self._held.get(key, 0) - reservation.count
+            if left > 0:
+                self._held[key] = left
+            else:
+                self._held.pop(key, None)
+            return True
+
+    def release(self, reservation: Reservation) -> bool:
+        """Give the units back; False if the reservation was already settled."""
+        return self._settle(reservation)
+
+    def commit(self, reservation: Reservation) -> bool:
+        """Settle the reservation as used; False if it was already settled."""
+        return self._settle(reservation)
+
+    def in_flight(self, customer_id: str, feature: str) -> int:
+        """Return the units currently held for the customer's feature."""
+        with self._lock:
+            return self._held.get((customer_id, feature), 0)
+
+
+# --- decisions ---
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaDecision:
+    """The answer to one quota check.
+
+    ``code`` is None when allowed, else why not: ``quota_exceeded``, ``customer_required``,
+    ``quota_unavailable`` or Commet's own code (see ``COMMET_REFUSAL_CODES``). The numbers are
+    the allowance the decision was made from (None when there was none); ``remaining`` is net
+    of the units held in flight, and of this request's own ``count`` when allowed.
+    ``enforced`` says a ceiling applied (not unlimited; no overage, or ``hard_limit``).
+    ``degraded`` says Commet could not be asked: the decision came from a stale allowance
+    (``stale``) or none at all.
+    """
+
+    allowed: bool
+    feature: str
+    count: int
+    customer_id: str | None = None
+    code: str | None = None
+    current: Number | None = None
+    included: Number | None = None
+    remaining: Number | None = None
+    unlimited: bool = False
+    overage_enabled: bool = False
+    enforced: bool = False
+    reservation: Reservation | None = None
+    degraded: bool = False
+    stale: bool = False
+    request_id: str | None = None
+
+
+def status_for(decision: QuotaDecision) -> int:
+    """Return the HTTP status for a decision: 200 when allowed.
+
+    - 402 ``quota_exceeded``, ``no_active_subscription``, ``customer_not_found``: paying
+      (upgrading, subscribing) is what lets the request through. ``customer_not_found`` is
+      402, not 404: the app authenticated the caller, Commet just has no account for them
+      yet, and a 404 would claim the URL does not exist.
+    - 403 ``feature_not_in_plan``: the customer has a plan, and it does not include this.
+    - 401 ``customer_required``: no customer was identified (an anonymous caller).
+    - 500 ``feature_not_found``: the endpoint names a feature Commet does not know, a server
+      configuration error, not the client's.
+    - 503 ``quota_unavailable``: Commet could not be asked and the policy is ``"closed"``.
+    """
+    if decision.allowed:
+        return 200
+    return _STATUS.get(decision.code or "", 403)
+
+
+def refusal_body(decision: QuotaDecision) -> dict[str, dict[str, object]]:
+    """Return the stable JSON body of a refusal; every key is always present (null when
+    unknown)."""
+    code = decision.code or "quota_exceeded"
+    message = _MESSAGES.get(code, "Quota check refused ({code}).").format(
+        feature=decision.feature,
+        remaining=decision.remaining,
+        included=decision.included,
+        count=decision.count,
+        code=code,
+    )
+    return {
+        "error": {
+            "type": "quota_error",
+            "code": code,
+            "message": message,
+            "feature": decision.feature,
+            "current": decision.current,
+            "included": decision.included,
+            "remaining": decision.remaining,
+        }
+    }
+
+
+def _sf_integer(value: Number) -> int:
+    # Structured-field Integers only: a fractional allowance is rounded down, never up.
+    return max(int(value), 0)
+
+
+def ratelimit_headers(decision: QuotaDecision) -> list[tuple[str, str]]:
+    """Return RateLimit headers (draft-ietf-httpapi-ratelimit-headers, -08 to -11 form).
+
+    Only for a ceiling that applies (``enforced``) with known numbers, e.g. for plan "tasks"
+    with 50 included and 3 left::
+
+        RateLimit-Policy: "tasks";q=50
+        RateLimit: "tasks";r=3
+
+    The policy name is the feature code (a String item). ``w`` and ``t`` are left out: a quota
+    balance has no window and does not reset with time; ``qu`` is left out because none of the
+    registered units (requests, content-bytes, concurrent-requests) describes feature units.
+    A ``quota_unavailable`` refusal gets ``Retry-After: 1`` instead.
+    """
+    if decision.code == "quota_unavailable":
+        return [("Retry-After", "1")]
+    if not decision.enforced or decision.included is None or decision.remaining is None:
+        return []
+    name = f'"{decision.feature}"'
+    return [
+        ("RateLimit-Policy", f"{name};q={_sf_integer(decision.included)}"),
+        ("RateLimit", f"{name};r={_sf_integer(decision.remaining)}"),
+    ]
+
+
+# --- stats ---
+
+
+_COUNTERS = (
+    "checks",
+    "cache_hits",
+    "cache_misses",
+    "fetches",
+    "allowed",
+    "refused",
+    "degraded_open",
+    "stale_served",
+    "closed_unavailable",
+    "committed",
+    "released",
+)
+
+
+class QuotaStats:
+    """Thread-safe counters of quota check outcomes; read them with :meth:`snapshot`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(_COUNTERS, 0)
+
+    def add(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the counter ``name``."""
+        with self._lock:
+            self._counts[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        """Return a copy of every counter."""
+        with self._lock:
+            return dict(self._counts)
+
+
+# --- the gate ---
+
+
+def _internal_error(exc: Exception) -> CommetError:
+    logger.exception("quota check failed inside commet_middleware; treating Commet as unavailable")
+    return CommetError(f"internal error: {type(exc).__name__}")
+
+
+class QuotaGate:
+    """Checks quota before a request and settles it after: the engine behind ``quota_guard``.
+
+    Built from settings; ``client``/``async_client`` default to clients of its own with no
+    retries (a read on the request path gets one try within ``settings.quota_timeout``), and
+    ``cache``/``store`` to in-memory ones. ``close``/``aclose`` close only the clients it made.
+    """
+
+    def __init__(
+        self,
+        settings: CommetSettings,
+        *,
+        client: CommetClient | None = None,
+        async_client: AsyncCommetClient | None = None,
+        cache: AllowanceCache | None = None,
+        store: ReservationStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self._client = client
+        self._async_client = async_client
+        self._owns_client = client is None
+        self._owns_async_client = async_client is None
+        self._client_lock = threading.Lock()
+        self.cache = cache or AllowanceCache(wait_timeout=settings.quota_timeout * 2 + 1.0)
+        self.store: ReservationStore = store or InMemoryReservationStore()
+        self.stats = QuotaStats()
+        # Reading the allowance and reserving against it must not interleave with a commit
+        # moving units from "in flight" to "balance", or one unit could be counted in neither.
+        self._ledger_lock = threading.Lock()
+
+    # clients
+
+    def _request_path_settings(self) -> CommetSettings:
+        return self.settings.replace(max_retries=0)
+
+    def _sync_client(self) -> CommetClient:
+        with self._client_lock:
+            if self._client is None:
+                self._client = CommetClient(self._request_path_settings())
+            return self._client
+
+    def _async(self) -> AsyncCommetClient:
+        with self._client_lock:
+            if self._async_client is None:
+                self._async_client = AsyncCommetClient(self._request_path_settings())
+            return self._async_client
+
+    def close(self) -> None:
+        """Close the sync client, if this gate made it."""
+        if self._owns_client and self._client is not None:
+            self._client.close()
+            self._client = None
+
+    async def aclose(self) -> None:
+        """Close the async client, if this gate made it."""
+        if self._owns_async_client and self._async_client is not None:
+            await self._async_client.aclose()
+            self._async_client = None
+
+    # checks
+
+    def check(
+        self,
+        customer_id: str | None,
+        feature: str,
+        count: int = 1,
+        *,
+        hard_limit: bool = False,
+        on_unavailable: OnUnavailable = "open",
+    ) -> QuotaDecision:
+        """Decide whether ``customer_id`` may use ``count`` more units of ``feature`` (sync).
+
+        An allowed decision holds a reservation: ``commit`` it when the work succeeded,
+        ``release`` it when it failed. Never raises for Commet's sake.
+        """
+        customer = self._begin(customer_id, feature, count, on_unavailable)
+        if isinstance(customer, QuotaDecision):
+            return customer
+        client = self._sync_client()
+        timeout = self.settings.quota_timeout
+
+        def fetch() -> QuotaAllowance:
+            self.stats.add("fetches")
+            return client.get_quota(customer, feature, timeout=timeout)
+
+        try:
+            lookup: AllowanceLookup | CommetError = self.cache.get(customer, feature, fetch)
+        except CommetError as exc:
+            lookup = exc
+        except Exception as exc:  # a bug of ours must not break the host app's request
+            lookup = _internal_error(exc)
+        return self._finish(customer, feature, count, lookup, hard_limit, on_unavailable)
+
+    async def acheck(
+        self,
+        customer_id: str | None,
+        feature: str,
+        count: int = 1,
+        *,
+        hard_limit: bool = False,
+        on_unavailable: OnUnavailable = "open",
+    ) -> QuotaDecision:
+        """Decide whether ``customer_id`` may use ``count`` more units of ``feature`` (async).
+
+        The same rules as :meth:`check`, with the async client.
+        """
+        customer = self._begin(customer_id, feature, count, on_unavailable)
+        if isinstance(customer, QuotaDecision):
+            return customer
+        client = self._async()
+        timeout = self.settings.quota_timeout
+
+        async def fetch() -> QuotaAllowance:
+            self.stats.add("fetches")
+            return await client.get_quota(customer, feature, timeout=timeout)
+
+        try:
+            lookup: AllowanceLookup | CommetError = await self.cache.aget(customer, feature, fetch)
+        except CommetError as exc:
+            lookup = exc
+        except Exception as exc:  # a bug of ours must not break the host app's request
+            lookup = _internal_error(exc)
+        return self._finish(customer, feature, count, lookup, hard_limit, on_unavailable)
+
+    # settling
+
+    def commit(self, reservation: Reservation, *, idempotency_key: str) -> QuotaChange:
+        """Settle ``reservation`` as used and return the quota add to enqueue.
+
+        The cached balance moves by ``count`` at once, so the next check is warm and exact.
+        Raises ``ValueError`` if the reservation was already committed or released.
+        """
+        change = QuotaChange.create(
+            reservation.customer_id,
+            reservation.feature,
+            "add",
+            reservation.count,
+            idempotency_key=idempotency_key,
+        )
+        with self._ledger_lock:
+            if not self.store.commit(reservation):
+                raise ValueError(f"reservation {reservation.id} was already committed or released")
+            self.cache.apply_delta(reservation.customer_id, reservation.feature, reservation.count)
+        self.stats.add("committed")
+        return change
+
+    def release(self, reservation: Reservation) -> None:
+        """Give the reservation's units back (the work failed); safe to call twice."""
+        if self.store.release(reservation):
+            self.stats.add("released")
+
+    def record_removal(
+        self, customer_id: str, feature: str, count: int = 1, *, idempotency_key: str
+    ) -> QuotaChange:
+        """Return the quota remove to enqueue (``quota_release``), moving the cache at once."""
+        change = QuotaChange.create(
+            customer_id, feature, "remove", count, idempotency_key=idempotency_key
+        )
+        with self._ledger_lock:
+            self.cache.apply_delta(customer_id, feature, -count)
+        return change
+
+    # the decision, shared by check and acheck
+
+    def _begin(
+        self, customer_id: str | None, feature: str, count: int, on_unavailable: str
+    ) -> str | QuotaDecision:
+        # Programming errors raise; everything about the customer becomes a decision.
+        validate_feature_code(feature)
+        validate_quota_count(count)
+        if on_unavailable not in ("open", "closed"):
+            raise ValueError(f"on_unavailable must be 'open' or 'closed', got {on_unavailable!r}")
+        self.stats.add("checks")
+        if not isinstance(customer_id, str) or not customer_id.strip():
+            return self._refuse(
+                QuotaDecision(allowed=False, feature=feature, count=count, code="customer_required")
+            )
+        return customer_id
+
+    def _finish(
+        self,
+        customer_id: str,
+        feature: str,
+        count: int,
+        lookup: AllowanceLookup | CommetError,
+        hard_limit: bool,
+        on_unavailable: OnUnavailable,
+    ) -> QuotaDecision:
+        if isinstance(lookup, AllowanceLookup):
+            self.stats.add("cache_hits" if lookup.source == "cache" else "cache_misses")
+            return self._decide(customer_id, feature, count, lookup.allowance, hard_limit)
+        self.stats.add("cache_misses")
+        if isinstance(lookup, CommetAPIError) and lookup.code in COMMET_REFUSAL_CODES:
+            return self._commet_refusal(customer_id, feature, count, lookup)
+        return self._unavailable(customer_id, feature, count, lookup, hard_limit, on_unavailable)
+
+    def _commet_refusal(
+        self, customer_id: str, feature: str, count: int, error: CommetAPIError
+    ) -> QuotaDecision:
+        # A feature Commet does not know is our configuration error, worth an error line.
+        log = logger.error if error.code == "feature_not_found" else logger.info
+        log("quota check refused by Commet for feature %r: %s", feature, error)
+        return self._refuse(
+            QuotaDecision(
+                allowed=False,
+                feature=feature,
+                count=count,
+                customer_id=customer_id,
+                code=error.code,
+                request_id=error.request_id,
+            ),
+            quiet=True,
+        )
+
+    def _decide(
+        self,
+        customer_id: str,
+        feature: str,
+        count: int,
+        allowance: QuotaAllowance,
+        hard_limit: bool,
+        *,
+        stale: bool = False,
+    ) -> QuotaDecision:
+        with self._ledger_lock:
+            # Re-read under the lock: a commit since the lookup moved units from "in flight"
+            # into the cached balance, and deciding from the older copy would count them twice
+            # as free.
+            allowance = self.cache.last_known(customer_id, feature) or allowance
+            enforced = not allowance.unlimited and (hard_limit or not allowance.overage_enabled)
+            left = _left(allowance)
+            reservation = self.store.reserve(
+                customer_id, feature, count, left if enforced else None
+            )
+            held = self.store.in_flight(customer_id, feature)
+        remaining = None if left is None else max(left - held, 0)
+        decision = QuotaDecision(
+            allowed=reservation is not None,
+            feature=feature,
+            count=count,
+            customer_id=customer_id,
+            code=None if reservation is not None else "quota_exceeded",
+            current=allowance.current,
+            included=allowance.included,
+            remaining=remaining,
+            unlimited=allowance.unlimited,
+            overage_enabled=allowance.overage_enabled,
+            enforced=enforced,
+            reservation=reservation,
+            degraded=stale,
+            stale=stale,
+        )
+        if decision.allowed:
+            self.stats.add("allowed")
+            return decision
+        return self._refuse(decision)
+
+    def _unavailable(
+        self,
+        customer_id: str,
+        feature: str,
+        count: int,
+        error: CommetError,
+        hard_limit: bool,
+        on_unavailable: OnUnavailable,
+    ) -> QuotaDecision:
+        if on_unavailable == "closed":
+            logger.warning(
+                "quota check for feature %r refused: Commet unavailable and the policy is "
+                "closed: %s",
+                feature,
+                error,
+            )
+            self.stats.add("closed_unavailable")
+            return self._refuse(
+                QuotaDecision(
+                    allowed=False,
+                    feature=feature,
+                    count=count,
+                    customer_id=customer_id,
+                    code="quota_unavailable",
+                    degraded=True,
+                ),
+                quiet=True,
+            )
+        self.stats.add("degraded_open")
+        last = self.cache.last_known(customer_id, feature)
+        if last is not None:
+            logger.warning(
+                "quota check for feature %r decided from a stale allowance: Commet unavailable: %s",
+                feature,
+                error,
+            )
+            self.stats.add("stale_served")
+            return self._decide(customer_id, feature, count, last, hard_limit, stale=True)
+        logger.warning(
+            "quota check for feature %r allowed blind (fail-open): Commet unavailable and no "
+            "allowance known: %s",
+            feature,
+            error,
+        )
+        with self._ledger_lock:
+            reservation = self.store.reserve(customer_id, feature, count, None)
+        self.stats.add("allowed")
+        return QuotaDecision(
+            allowed=True,
+            feature=feature,
+            count=count,
+            customer_id=customer_id,
+            reservation=reservation,
+            degraded=True,
+        )
+
+    def _refuse(self, decision: QuotaDecision, *, quiet: bool = False) -> QuotaDecision:
+        self.stats.add("refused")
+        if not quiet:
+            logger.info(
+                "quota check refused (%s) for feature %r: %s more, %s remaining",
+                decision.code,
+                decision.feature,
+                decision.count,
+                decision.remaining,
+            )
+        return decision
