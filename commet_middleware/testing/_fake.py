@@ -1,0 +1,136 @@
+"""FakeCommet: an in-memory Commet usage and quota API for tests and local development."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ._app import EmulatorApp, RequestHandler
+from ._catalogue import Catalogue, load_catalogue
+from ._faults import Faults
+from ._ledger import (
+    Customer,
+    Feature,
+    Ledger,
+    QuotaAllowance,
+    RecordedEvent,
+    RecordedQuotaEvent,
+    RecordedRequest,
+    new_id,
+)
+from ._server import serve_app
+from ._transport import EmulatorTransport
+
+__all__ = ["FakeCommet"]
+
+
+class FakeCommet:
+    """An emulated Commet: both API dialects, faults, and assertions on what it recorded.
+
+    Reach it through ``transport`` (an httpx transport, sync and async, no server needed), as
+    the ASGI ``app``, or over real HTTP with ``serve()``. ``api_keys`` None accepts any key
+    starting ``ck_`` or ``rk_``.
+    """
+
+    def __init__(self, api_keys: Collection[str] | None = None, *, seed: int = 0) -> None:
+        self._ledger = Ledger()
+        self.faults = Faults(seed)
+        self._handler = RequestHandler(self._ledger, self.faults, api_keys)
+        self.app = EmulatorApp(self._handler)
+        self.transport = EmulatorTransport(self._handler)
+
+    @classmethod
+    def from_catalogue(
+        cls, path: str | Path | Catalogue | None = None, *, api_keys: Collection[str] | None = None
+    ) -> FakeCommet:
+        """Return a FakeCommet loaded from a TOML catalogue (None: the shipped demo one)."""
+        catalogue = path if isinstance(path, Catalogue) else load_catalogue(path)
+        fake = cls(api_keys=api_keys if api_keys is not None else catalogue.api_keys)
+        for feature in catalogue.features:
+            fake.add_feature(
+                feature.code,
+                quota=feature.quota,
+                included=feature.included,
+                unlimited=feature.unlimited,
+                overage=feature.overage,
+            )
+        for customer in catalogue.customers:
+            fake.add_customer(
+                customer.customer_id,
+                None if customer.features is None else list(customer.features),
+                subscribed=customer.subscribed,
+            )
+        return fake
+
+    # catalogue
+
+    def add_feature(
+        self,
+        code: str,
+        *,
+        quota: bool = False,
+        included: int = 0,
+        unlimited: bool = False,
+        overage: bool = False,
+    ) -> None:
+        """Add a metered feature, or a quota one (``quota=True``) with its plan terms."""
+        self._ledger.add_feature(Feature(code, quota, included, unlimited, overage))
+
+    def add_customer(
+        self,
+        customer_id: str,
+        features: Collection[str] | None = None,
+        *,
+        subscribed: bool = True,
+    ) -> str:
+        """Add a customer subscribed to ``features`` (None: all); return its ``cus_`` id.
+
+        The API accepts either id. ``subscribed=False`` gives 404 no_active_subscription.
+        """
+        commet_id = new_id("cus")
+        plan = None if features is None else frozenset(features)
+        self._ledger.add_customer(Customer(customer_id, commet_id, plan, subscribed))
+        return commet_id
+
+    # assertions
+
+    def events(
+        self, customer_id: str | None = None, feature: str | None = None
+    ) -> list[RecordedEvent]:
+        """Return the recorded usage events in arrival order, optionally filtered."""
+        return self._ledger.events(customer_id, feature)
+
+    def usage_total(self, customer_id: str, feature: str) -> int | float:
+        """Return the sum of the recorded usage values of one customer and feature."""
+        return self._ledger.usage_total(customer_id, feature)
+
+    def quota(self, customer_id: str, feature: str) -> QuotaAllowance:
+        """Return the allowance (UsageQuota fields in snake_case); KeyError if none."""
+        return self._ledger.quota(customer_id, feature)
+
+    def quota_events(
+        self, customer_id: str | None = None, feature: str | None = None
+    ) -> list[RecordedQuotaEvent]:
+        """Return the committed quota changes in order, optionally filtered."""
+        return self._ledger.quota_events(customer_id, feature)
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """A snapshot of every request received (dropped ones have ``status`` None)."""
+        return self._ledger.requests()
+
+    def start_new_period(self) -> None:
+        """Start a billing period: billed quantities restart from the current balances."""
+        self._ledger.start_new_period()
+
+    def reset(self) -> None:
+        """Forget events, balances, idempotency keys, requests and faults; keep the catalogue."""
+        self._ledger.reset()
+        self.faults.clear()
+
+    @contextmanager
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+        """Serve the API under uvicorn in a background thread; yield ``http://host:port``."""
+        with serve_app(self.app, host, port) as url:
+            yield url
