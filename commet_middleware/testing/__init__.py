@@ -17,6 +17,9 @@ Choices the emulator makes where Commet's reference is silent (clients may rely 
 - Customers can be named by their own id or the ``cus_`` id ``add_customer`` returns.
 - The ``fake_commet`` pytest fixture is loaded with the shipped demo catalogue
   (``demo_catalogue.toml``); ``fake_commet_url`` serves it on 127.0.0.1.
+- A served emulator has a live dashboard at ``/`` (customers, usage totals, quota bars, a
+  live feed of events, the request log, and fault controls). It and its endpoints under
+  ``/_emulator/`` need no API key and bypass faults and the request log; the API does not.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from commet_middleware._models import FEATURE_CODE_PATTERN, utc_timestamp
 
+from ._dashboard import Dashboard
 from ._faults import ConnectionDropped, FaultDecision, Faults, Wait
 from ._ledger import ApiProblem, Dialect, Ledger, RecordedRequest, StoredReply, new_id
 
@@ -501,10 +502,15 @@ async def run_async(steps: Generator[Wait, None, Reply]) -> Reply:
 
 
 class EmulatorApp:
-    """The pure ASGI app of the emulated API (HTTP and lifespan scopes)."""
+    """The pure ASGI app of the emulated API (HTTP and lifespan scopes), and its dashboard.
+
+    ``/`` and ``/_emulator/...`` go to the :class:`Dashboard`, outside the API's key check,
+    fault injection and request log; every other path is the emulated API.
+    """
 
     def __init__(self, handler: RequestHandler) -> None:
         self._handler = handler
+        self.dashboard = Dashboard(handler.ledger, handler.faults)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -516,6 +522,9 @@ class EmulatorApp:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if scope["type"] != "http":
+            return
+        if self.dashboard.handles(scope["path"]):
+            await self.dashboard(scope, receive, send)
             return
         chunks: list[bytes] = []
         while True:

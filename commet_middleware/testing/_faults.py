@@ -128,6 +128,22 @@ class Faults:
         with self._lock:
             return dict(self._counts)
 
+    def pending(self) -> dict[str, object]:
+        """Return the faults armed now, for the dashboard (the ``injected`` counts included)."""
+        with self._lock:
+            return {
+                "error_rate": self._rate,
+                "error_rate_status": self._rate_status,
+                "latency": self._latency,
+                "fail_next": list(self._fail),
+                "rate_limit_next": len(self._rate_limit),
+                "drop_next": self._drop,
+                "fail_after_write_next": list(self._fail_after),
+                "drop_after_write_next": self._drop_after,
+                "hold_next": len(self._holds),
+                "injected": dict(self._counts),
+            }
+
     def fail_next(self, n: int = 1, status: int = 503) -> None:
         """Answer the next ``n`` requests with ``status`` and an internal_error body."""
         with self._lock:

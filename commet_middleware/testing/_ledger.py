@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -13,11 +16,14 @@ from commet_middleware._models import utc_timestamp
 
 __all__ = [
     "IDEMPOTENCY_TTL_SECONDS",
+    "RECENT_CHANGES",
     "ApiProblem",
     "Customer",
     "Dialect",
     "Feature",
     "Ledger",
+    "LedgerChange",
+    "LedgerSnapshot",
     "QuotaAllowance",
     "RecordedEvent",
     "RecordedQuotaEvent",
@@ -28,6 +34,9 @@ __all__ = [
 Dialect = Literal["v1", "legacy"]
 QuotaAction = Literal["add", "remove", "set"]
 IDEMPOTENCY_TTL_SECONDS = 24 * 60 * 60
+# How many changes a snapshot carries, so a page opened late still shows recent traffic.
+RECENT_CHANGES = 500
+_log = logging.getLogger("commet_middleware.testing")
 
 
 def new_id(prefix: str) -> str:
@@ -207,6 +216,31 @@ class StoredReply:
     body: bytes
 
 
+@dataclass(frozen=True)
+class LedgerChange:
+    """One change to the ledger, numbered in commit order, as subscribers are told of it.
+
+    ``kind`` is ``usage``, ``quota``, ``request`` or ``reset`` (``item`` None).
+    """
+
+    seq: int
+    kind: Literal["usage", "quota", "request", "reset"]
+    item: RecordedEvent | RecordedQuotaEvent | RecordedRequest | None
+    at: str
+
+
+@dataclass(frozen=True)
+class LedgerSnapshot:
+    """A consistent copy of the ledger's state for the dashboard, taken under one lock."""
+
+    seq: int
+    features: list[Feature]
+    customers: list[Customer]
+    totals: dict[tuple[str, str], int | float]
+    allowances: dict[tuple[str, str], QuotaAllowance]
+    changes: list[LedgerChange]
+
+
 @dataclass
 class _IdempotencyRecord:
     fingerprint: tuple[str, str, bytes]
@@ -224,7 +258,7 @@ class _Balance:
 class _State:
     events: list[RecordedEvent] = field(default_factory=list)
     event_keys: set[tuple[str, str]] = field(default_factory=set)
-    totals: dict[tuple[str, str], float] = field(default_factory=dict)
+    totals: dict[tuple[str, str], int | float] = field(default_factory=dict)
     balances: dict[tuple[str, str], _Balance] = field(default_factory=dict)
     quota_events: list[RecordedQuotaEvent] = field(default_factory=list)
     idempotency: dict[tuple[str, str], _IdempotencyRecord] = field(default_factory=dict)
@@ -261,6 +295,64 @@ class Ledger:
         self._state = _State()
         # Idempotency records expire on this clock; tests may swap it to skip 24 hours.
         self.clock: Callable[[], float] = time.monotonic
+        self._seq = 0
+        self._subscribers: list[Callable[[LedgerChange], None]] = []
+        self._recent: deque[LedgerChange] = deque(maxlen=RECENT_CHANGES)
+
+    # change notification (the dashboard's live feed)
+
+    def subscribe(self, callback: Callable[[LedgerChange], None]) -> Callable[[], None]:
+        """Call ``callback`` with every later change; return the function that unsubscribes.
+
+        Callbacks run in the writing thread, under the ledger lock, in ``seq`` order: they must
+        only hand the change on (to a queue or another thread's loop), never block or write.
+        """
+        with self._lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock, contextlib.suppress(ValueError):
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _publish(
+        self,
+        kind: Literal["usage", "quota", "request", "reset"],
+        item: RecordedEvent | RecordedQuotaEvent | RecordedRequest | None,
+    ) -> None:
+        # Called with the lock held, so sequence numbers follow commit order.
+        self._seq += 1
+        change = LedgerChange(self._seq, kind, item, utc_timestamp())
+        if kind == "reset":
+            self._recent.clear()
+        self._recent.append(change)
+        for callback in list(self._subscribers):
+            try:
+                callback(change)
+            except Exception:
+                # A broken subscriber (say, a closed event loop) must never fail an API write.
+                _log.exception("ledger subscriber failed; unsubscribing it")
+                with contextlib.suppress(ValueError):
+                    self._subscribers.remove(callback)
+
+    def snapshot(self) -> LedgerSnapshot:
+        """Return the catalogue, totals, balances and the most recent changes."""
+        with self._lock:
+            allowances = {
+                (customer.customer_id, feature.code): self._allowance(customer, feature)
+                for customer in self._customers.values()
+                for feature in self._features.values()
+                if feature.quota and (customer.plan is None or feature.code in customer.plan)
+            }
+            return LedgerSnapshot(
+                seq=self._seq,
+                features=list(self._features.values()),
+                customers=list(self._customers.values()),
+                totals=dict(self._state.totals),
+                allowances=allowances,
+                changes=list(self._recent),
+            )
 
     # catalogue
 
@@ -285,6 +377,7 @@ class Ledger:
         """Forget events, balances, idempotency records and the request log; keep the catalogue."""
         with self._lock:
             self._state = _State()
+            self._publish("reset", None)
 
     # lookups shared by usage and quota
 
@@ -360,6 +453,7 @@ class Ledger:
             self._state.events.append(event)
             key = (cid, code)
             self._state.totals[key] = self._state.totals.get(key, 0) + value
+            self._publish("usage", event)
             return event
 
     def events(self, customer_id: str | None, feature: str | None) -> list[RecordedEvent]:
@@ -466,6 +560,7 @@ class Ledger:
                 timestamp=utc_timestamp(),
             )
             self._state.quota_events.append(event)
+            self._publish("quota", event)
             return event
 
     def quota(self, customer_id: str, feature: str) -> QuotaAllowance:
@@ -543,6 +638,7 @@ class Ledger:
         """Append one request to the log."""
         with self._lock:
             self._state.requests.append(request)
+            self._publish("request", request)
 
     def requests(self) -> list[RecordedRequest]:
         """Return a snapshot of the request log."""

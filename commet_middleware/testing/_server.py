@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ._app import EmulatorApp
 from ._faults import ConnectionDropped
 
 __all__ = ["bind_socket", "run_forever", "serve_app"]
@@ -80,6 +81,27 @@ def _config(app: ASGIApp, host: str) -> Any:
     )
 
 
+def _server(app: ASGIApp, host: str) -> Any:
+    """Return a uvicorn server for ``app`` that ends the dashboard's event streams on shutdown.
+
+    uvicorn waits for open responses before it exits; an event stream never finishes on its
+    own, so without this every shutdown with a dashboard open would wait out the grace period.
+    """
+    import uvicorn
+
+    dashboard = app.dashboard if isinstance(app, EmulatorApp) else None
+    if dashboard is not None:
+        dashboard.open_streams()
+
+    class _Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            if dashboard is not None:
+                dashboard.close_streams()
+            await super().shutdown(sockets)
+
+    return _Server(_config(app, host))
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """Return a listening TCP socket on ``host:port`` (0 picks a free port).
 
@@ -101,19 +123,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def run_forever(app: ASGIApp, sock: socket.socket) -> None:
     """Serve ``app`` on ``sock`` in this thread until SIGINT or SIGTERM."""
-    import uvicorn
-
     host = sock.getsockname()[0]
-    uvicorn.Server(_config(app, host)).run(sockets=[sock])
+    _server(app, host).run(sockets=[sock])
 
 
 @contextmanager
 def serve_app(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Serve ``app`` from a background thread; yield its base URL once it accepts connections."""
-    import uvicorn
-
     sock = bind_socket(host, port)
-    server = uvicorn.Server(_config(app, host))
+    server = _server(app, host)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="commet-emulator", daemon=True
     )
