@@ -35,9 +35,13 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"{reason}; run scripts/ensure-chromium to enable the browser tests")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """One headless Chromium for the session (a launch per test would dominate run time)."""
+    """One headless Chromium per module (a launch per test would dominate run time).
+
+    Not per session: while Playwright's sync API runs it keeps an event loop current in this
+    thread, which breaks every async test collected after it.
+    """
     if not CHROMIUM.exists():
         _unavailable(f"{CHROMIUM} is missing")
     try:
