@@ -6,6 +6,7 @@ from ._asgi import CommetMiddleware
 from ._client import AsyncCommetClient, CommetClient
 from ._context import commet_context, current_customer, set_customer
 from ._errors import CommetAPIError, CommetError, CommetTransportError
+from ._guard import quota_guard, quota_release
 from ._metered import metered, track
 from ._models import QuotaChange, UsageEvent
 from ._results import QuotaAllowance, QuotaChangeResult, TrackResult
@@ -29,6 +30,8 @@ __all__ = [
     "commet_context",
     "current_customer",
     "metered",
+    "quota_guard",
+    "quota_release",
     "set_customer",
     "track",
 ]

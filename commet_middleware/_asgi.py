@@ -18,9 +18,12 @@ from ._context import (
     MeteringStats,
     MeterSpec,
     RequestContext,
+    RequestRefusedError,
     _current,
 )
 from ._keys import client_key_seed, new_request_id
+from ._models import Operation
+from ._quota import QuotaGate
 from ._settings import CommetSettings, DeadLetterHook, Dialect
 from .customers import CustomerResolver, resolve_async, resolve_now
 
@@ -39,6 +42,61 @@ def build_settings(settings: CommetSettings | None, overrides: dict[str, Any]) -
     if settings is None:
         return CommetSettings.from_env(**overrides)
     return settings.replace(**overrides) if overrides else settings
+
+
+def chain_dead_letter(first: DeadLetterHook, then: DeadLetterHook | None) -> DeadLetterHook:
+    """Return a dead-letter hook that calls ``first`` (ours), then the user's ``then``."""
+
+    def hook(operation: Operation, error: Exception) -> None:
+        try:
+            first(operation, error)
+        except Exception:
+            logger.exception("commet: forgetting a dead-lettered quota change failed")
+        if then is not None:
+            then(operation, error)
+
+    return hook
+
+
+class QuotaGateOwner:
+    """The quota gate a middleware's guards use: built from its settings, or the one given.
+
+    The gate hears of every quota change Commet confirms (a delivery listener) or gives up on
+    (the dead-letter hook of the queue the middleware owns), so its cache stays exact.
+    """
+
+    def __init__(self, gate: QuotaGate | None, settings: CommetSettings) -> None:
+        self.owned = gate is None
+        self.gate = gate if gate is not None else QuotaGate(settings)
+
+    def queue_settings(self, settings: CommetSettings) -> CommetSettings:
+        """Return ``settings`` for the owned delivery queue, telling the gate of dead letters."""
+        return settings.replace(
+            dead_letter=chain_dead_letter(self.gate.forget, settings.dead_letter)
+        )
+
+    def listen_to(self, sink: EventSink) -> None:
+        """Register the gate as a listener of ``sink`` when the sink takes listeners."""
+        add_listener = getattr(sink, "add_listener", None)
+        if add_listener is not None:
+            add_listener(self.gate.confirm)
+
+    def close(self) -> None:
+        """Close the gate's sync client, if the middleware built the gate."""
+        if self.owned:
+            try:
+                self.gate.close()
+            except Exception:
+                logger.exception("commet: closing the quota gate failed")
+
+    async def aclose(self) -> None:
+        """Close the gate's clients, if the middleware built the gate."""
+        if self.owned:
+            try:
+                await self.gate.aclose()
+            except Exception:
+                logger.exception("commet: closing the quota gate failed")
+            self.close()
 
 
 class SinkOwner:
@@ -147,6 +205,7 @@ class CommetMiddleware:
         timeout: float | None = None,
         spool_path: str | None = None,
         dead_letter: DeadLetterHook | None = None,
+        quota_gate: QuotaGate | None = None,
     ) -> None:
         self.app = app
         self.customer = customer
@@ -171,12 +230,21 @@ class CommetMiddleware:
             },
         )
         self.stats = MeteringStats()
-        self._sinks = SinkOwner(sink, self.settings)
+        self._gates = QuotaGateOwner(quota_gate, self.settings)
+        self._sinks = SinkOwner(
+            sink, self._gates.queue_settings(self.settings) if sink is None else self.settings
+        )
+        self._gates.listen_to(self._sinks.sink)
 
     @property
     def sink(self) -> EventSink:
         """The sink billable operations go to."""
         return self._sinks.sink
+
+    @property
+    def gate(self) -> QuotaGate:
+        """The quota gate ``@quota_guard`` and ``@quota_release`` use in this middleware."""
+        return self._gates.gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -202,9 +270,14 @@ class CommetMiddleware:
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 # Flush before the server is told it may exit.
                 await self._sinks.aclose()
+                await self._gates.aclose()
             await send(message)
 
         await self.app(scope, receive_wrapper, send_wrapper)
+
+
+def _encode(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -231,6 +304,7 @@ class _HTTPCall:
             key_seed=self._key_seed(),
             reject_missing_customer=middleware.rules.reject_missing_customer,
             stats=middleware.stats,
+            gate=middleware.gate,
         )
 
     def _key_seed(self) -> str:
@@ -250,7 +324,9 @@ class _HTTPCall:
         token = _current.set(ctx)
         try:
             await self.mw.app(self.scope, receive, self.send)
-        except CustomerRequiredError:
+        except (CustomerRequiredError, RequestRefusedError):
+            if self.rejected:
+                return  # the refusal was already sent, in place of the app's error page
             if self.response_started:
                 raise
             await self._reject()
@@ -273,6 +349,13 @@ class _HTTPCall:
             if self._must_reject():
                 await self._reject()
                 return
+            if self.ctx.response_headers and self.mw.rules.billable_status(self.ctx.status):
+                # A guard's RateLimit headers, on responses that will use the reserved units.
+                message = dict(message)
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    *_encode(self.ctx.response_headers),
+                ]
         await self._send(message)
         if (
             kind == "http.response.body" and not message.get("more_body", False)
@@ -295,6 +378,8 @@ class _HTTPCall:
 
     def _must_reject(self) -> bool:
         ctx = self.ctx
+        if ctx.refusal is not None:
+            return True
         if not ctx.reject_missing_customer:
             return False
         if ctx.customer_required:
@@ -305,8 +390,22 @@ class _HTTPCall:
     async def _reject(self) -> None:
         self.rejected = True
         self.response_started = True
-        self.mw.stats.add("rejected_requests")
         self.ctx.settle(billable=False)
+        refusal = self.ctx.refusal
+        if refusal is not None:
+            await self._send(
+                {
+                    "type": "http.response.start",
+                    "status": refusal.status,
+                    "headers": [
+                        *_encode(refusal.headers),
+                        (b"content-length", str(len(refusal.body)).encode("ascii")),
+                    ],
+                }
+            )
+            await self._send({"type": "http.response.body", "body": refusal.body})
+            return
+        self.mw.stats.add("rejected_requests")
         logger.warning(
             "commet: rejected %s %s with 401: billable and no customer",
             self.scope.get("method"),

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 from ._keys import derive_idempotency_key, new_request_id
 from ._models import (
     Operation,
+    QuotaChange,
     UsageEvent,
     utc_timestamp,
     validate_customer_id,
@@ -29,6 +30,7 @@ from ._models import (
 )
 
 if TYPE_CHECKING:
+    from ._quota import QuotaGate, Reservation
     from ._settings import CommetSettings
 
 __all__ = [
@@ -39,8 +41,11 @@ __all__ = [
     "MeterSpec",
     "MeteringRules",
     "MeteringStats",
+    "PendingQuota",
     "PendingUsage",
+    "Refusal",
     "RequestContext",
+    "RequestRefusedError",
     "commet_context",
     "current_customer",
     "default_sink",
@@ -60,6 +65,65 @@ class EventSink(Protocol):
 
 class CustomerRequiredError(Exception):
     """A billable operation was about to happen and nobody said which customer pays for it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The response a middleware sends instead of the app's: a quota guard said no."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+if TYPE_CHECKING:
+    _RefusalBase = Exception
+else:
+    try:
+        # Flask answers a werkzeug HTTPException with its response instead of logging a
+        # traceback and answering 500: a refusal is an expected outcome, not a crash.
+        from werkzeug.exceptions import HTTPException as _RefusalBase
+    except ImportError:
+        _RefusalBase = Exception
+
+
+class RequestRefusedError(_RefusalBase):
+    """Raised by ``@quota_guard`` before the endpoint runs; the middleware answers instead.
+
+    The refusal is also left on the request context, so the middleware still answers with it
+    when a framework turns the exception into a response of its own first (a WSGI framework's
+    500). With werkzeug installed it is also a werkzeug ``HTTPException`` whose response is
+    the refusal, so Flask answers with it directly.
+    """
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(f"request refused with {refusal.status}")
+        self.refusal = refusal
+        self.code = refusal.status
+
+    def get_response(self, environ: object = None, scope: object = None) -> object:
+        """Return the refusal as a werkzeug response (what Flask sends for an HTTPException)."""
+        from werkzeug.wrappers import Response
+
+        refusal = self.refusal
+        return Response(refusal.body, refusal.status, list(refusal.headers))
+
+
+@dataclass(frozen=True, slots=True)
+class PendingQuota:
+    """A quota change waiting for the response: a guard's reservation, or a release's removal.
+
+    Settled with the request: a reservation is committed (quota add) when the response
+    succeeds and released otherwise; a removal is recorded only when the response succeeds.
+    """
+
+    gate: QuotaGate | None
+    idempotency_key: str
+    reservation: Reservation | None = None
+    # For a removal (quota_release): who, what and how many.
+    customer_id: str = ""
+    feature: str = ""
+    count: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +149,8 @@ class MeteringStats:
         self.rejected_requests = 0
         self.invalid_values = 0
         self.incomplete_responses = 0
+        self.quota_changes_enqueued = 0
+        self.quota_refusals = 0
 
     def add(self, name: str, amount: int = 1) -> None:
         """Add ``amount`` to the counter ``name``; safe from any thread."""
@@ -101,6 +167,8 @@ class MeteringStats:
                 "rejected_requests": self.rejected_requests,
                 "invalid_values": self.invalid_values,
                 "incomplete_responses": self.incomplete_responses,
+                "quota_changes_enqueued": self.quota_changes_enqueued,
+                "quota_refusals": self.quota_refusals,
             }
 
 
@@ -133,6 +201,13 @@ class RequestContext:
     # Re-runs the middleware's customer resolver (sync only) for values that appear only once
     # the app has routed the request or authenticated the user (path params, scope["user"]).
     late_resolver: Callable[[], str | None] | None = field(default=None, repr=False)
+    # The middleware's quota gate, for @quota_guard and @quota_release.
+    gate: QuotaGate | None = field(default=None, repr=False)
+    quota_pending: list[PendingQuota] = field(default_factory=list)
+    # What a guard refused with (sent instead of the app's response), and the RateLimit headers
+    # a guard adds to the response.
+    refusal: Refusal | None = None
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -217,6 +292,9 @@ class RequestContext:
             self.settled = True
             self.billable_after_settle = billable
             pending, self.pending = self.pending, []
+            quota, self.quota_pending = self.quota_pending, []
+        for change in quota:
+            self._settle_quota(change, billable=billable)
         if not billable or not pending:
             return 0
         sent = 0
@@ -239,6 +317,64 @@ class RequestContext:
             if self.stats is not None:
                 self.stats.add("unattributed_requests")
         return sent
+
+    def add_quota(self, change: PendingQuota) -> None:
+        """Hold a quota change until the response is known; a direct context settles it now.
+
+        Added after the request settled (a guard in a background task), it is settled at once
+        with the request's outcome.
+        """
+        if self.direct:
+            self._settle_quota(change, billable=True)
+            return
+        with self._lock:
+            if not self.settled:
+                self.quota_pending.append(change)
+                return
+        self._settle_quota(change, billable=self.billable_after_settle)
+
+    def _settle_quota(self, change: PendingQuota, *, billable: bool) -> None:
+        gate = change.gate
+        try:
+            reservation = change.reservation
+            if reservation is not None:
+                if gate is None:
+                    return
+                if not billable:
+                    gate.release(reservation)
+                    return
+                operation: QuotaChange = gate.commit(
+                    reservation, idempotency_key=change.idempotency_key
+                )
+            elif not billable:
+                return
+            elif gate is not None:
+                operation = gate.record_removal(
+                    change.customer_id,
+                    change.feature,
+                    change.count,
+                    idempotency_key=change.idempotency_key,
+                )
+            else:
+                operation = QuotaChange.create(
+                    change.customer_id,
+                    change.feature,
+                    "remove",
+                    change.count,
+                    idempotency_key=change.idempotency_key,
+                )
+        except Exception:
+            logger.exception(
+                "commet: could not settle a quota change of request %s", self.request_id
+            )
+            return
+        try:
+            self.sink.enqueue(operation)
+        except Exception:
+            logger.exception("commet: sink refused quota change %s", change.idempotency_key)
+            return
+        if self.stats is not None:
+            self.stats.add("quota_changes_enqueued")
 
     def _enqueue(self, item: PendingUsage, customer: str) -> bool:
         try:

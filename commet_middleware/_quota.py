@@ -18,9 +18,13 @@ Concurrent requests racing for the last units are kept honest by a :class:`Reser
 an allowed request holds ``count`` units until it commits or releases, and every check
 subtracts the units held in flight.
 
-A known limit: a commit moves the cached balance at once, but the quota add reaches Commet
-later through the delivery pipeline. A refetch (TTL expiry) in that gap sees Commet's older
-balance; the pipeline should call ``cache.apply_new_balance`` with each confirmed result.
+A commit moves the cached balance at once, but the quota add reaches Commet later through the
+delivery pipeline. The middleware registers :meth:`QuotaGate.confirm` as a delivery listener:
+Commet's confirmed balance replaces the cached one when no other change of ours to that
+(customer, feature) was in flight meanwhile (with several in flight, answers can arrive out of
+order, and the cache's own accounting is the better number until they have all landed). A
+known limit remains: a refetch (TTL expiry) while changes are still queued sees Commet's
+older balance.
 """
 
 from __future__ import annotations
@@ -528,6 +532,8 @@ _COUNTERS = (
     "closed_unavailable",
     "committed",
     "released",
+    "confirmed",
+    "abandoned",
 )
 
 
@@ -586,6 +592,9 @@ class QuotaGate:
         # Reading the allowance and reserving against it must not interleave with a commit
         # moving units from "in flight" to "balance", or one unit could be counted in neither.
         self._ledger_lock = threading.Lock()
+        # Our quota changes handed to delivery and not yet confirmed, per (customer, feature):
+        # [how many, whether several overlapped since the count was last zero].
+        self._outstanding: dict[_Key, list[int]] = {}
 
     # clients
 
@@ -700,6 +709,7 @@ class QuotaGate:
             if not self.store.commit(reservation):
                 raise ValueError(f"reservation {reservation.id} was already committed or released")
             self.cache.apply_delta(reservation.customer_id, reservation.feature, reservation.count)
+            self._sent((reservation.customer_id, reservation.feature))
         self.stats.add("committed")
         return change
 
@@ -717,7 +727,56 @@ class QuotaGate:
         )
         with self._ledger_lock:
             self.cache.apply_delta(customer_id, feature, -count)
+            self._sent((customer_id, feature))
         return change
+
+    # what delivery tells us
+
+    def _sent(self, key: _Key) -> None:
+        # Caller holds the ledger lock.
+        entry = self._outstanding.setdefault(key, [0, 0])
+        entry[0] += 1
+        if entry[0] > 1:
+            entry[1] = 1
+
+    def _settled(self, key: _Key) -> bool:
+        # Caller holds the ledger lock. True when this was the only change in flight throughout.
+        entry = self._outstanding.get(key)
+        if entry is None:
+            return False
+        entry[0] -= 1
+        if entry[0] > 0:
+            return False
+        del self._outstanding[key]
+        return not entry[1]
+
+    def confirm(self, operation: object, result: object) -> None:
+        """Delivery listener: learn the balance Commet confirmed for one of our quota changes.
+
+        Applied only when no other change of ours to the same (customer, feature) overlapped it;
+        otherwise the cache's own accounting is kept. Other operations are ignored.
+        """
+        if not isinstance(operation, QuotaChange):
+            return
+        key = (operation.customer_id, operation.feature)
+        new_balance = getattr(result, "new_balance", None)
+        with self._ledger_lock:
+            if self._settled(key) and isinstance(new_balance, (int, float)):
+                self.cache.apply_new_balance(key[0], key[1], new_balance)
+                self.stats.add("confirmed")
+
+    def forget(self, operation: object, error: object = None) -> None:
+        """Dead-letter hook: a quota change of ours that Commet will never apply.
+
+        The cache had already counted it, so the entry is dropped and the next check asks Commet.
+        """
+        if not isinstance(operation, QuotaChange):
+            return
+        key = (operation.customer_id, operation.feature)
+        with self._ledger_lock:
+            self._settled(key)
+            self.cache.invalidate(key[0], key[1])
+        self.stats.add("abandoned")
 
     # the decision, shared by check and acheck
 

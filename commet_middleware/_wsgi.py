@@ -6,9 +6,10 @@ import contextvars
 import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._asgi import SinkOwner, build_settings
+from ._asgi import QuotaGateOwner, SinkOwner, build_settings
 from ._context import (
     DEFAULT_EXCLUDE,
     REJECTION_BODY,
@@ -18,9 +19,11 @@ from ._context import (
     MeteringStats,
     MeterSpec,
     RequestContext,
+    RequestRefusedError,
     _current,
 )
 from ._keys import client_key_seed, new_request_id
+from ._quota import QuotaGate
 from ._settings import CommetSettings, DeadLetterHook, Dialect
 from .customers import CustomerResolver, resolve_now
 
@@ -45,6 +48,8 @@ class CommetWSGIMiddleware:
     handed back untouched and billed when the server closes it. Resolvers must be
     sync here. There is no lifespan in WSGI: the queue starts on the first request and is
     flushed by :meth:`close` (call it at shutdown) or by the queue's own exit hook.
+    ``@quota_guard`` refusals are answered here whether Flask propagates the guard's exception
+    or turns it into a 500 first.
     """
 
     def __init__(
@@ -67,6 +72,7 @@ class CommetWSGIMiddleware:
         timeout: float | None = None,
         spool_path: str | None = None,
         dead_letter: DeadLetterHook | None = None,
+        quota_gate: QuotaGate | None = None,
     ) -> None:
         self.app = app
         self.customer = customer
@@ -91,16 +97,27 @@ class CommetWSGIMiddleware:
             },
         )
         self.stats = MeteringStats()
-        self._sinks = SinkOwner(sink, self.settings)
+        self._gates = QuotaGateOwner(quota_gate, self.settings)
+        self._sinks = SinkOwner(
+            sink, self._gates.queue_settings(self.settings) if sink is None else self.settings
+        )
+        self._gates.listen_to(self._sinks.sink)
 
     @property
     def sink(self) -> EventSink:
         """The sink billable operations go to."""
         return self._sinks.sink
 
+    @property
+    def gate(self) -> QuotaGate:
+        """The quota gate ``@quota_guard`` and ``@quota_release`` use in this middleware."""
+        return self._gates.gate
+
     def close(self) -> None:
-        """Flush and close the delivery queue this middleware owns (at worker shutdown)."""
+        """Flush and close the delivery queue this middleware owns (at worker shutdown), then
+        the quota gate's client."""
         self._sinks.close()
+        self._gates.close()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("commet.applied"):
@@ -131,6 +148,7 @@ class _WSGICall:
             key_seed=self._key_seed(),
             reject_missing_customer=middleware.rules.reject_missing_customer,
             stats=middleware.stats,
+            gate=middleware.gate,
         )
         # The app and every chunk of its body run in this context, so @metered code that runs
         # lazily inside a streamed body still finds the request.
@@ -158,14 +176,14 @@ class _WSGICall:
             ctx.late_resolver = lambda: resolve_now(resolver, environ)
         try:
             result = self.context.run(self.mw.app, self.environ, self.start_response)
-        except CustomerRequiredError:
-            # The app let @metered's refusal through (Flask in testing mode does).
+        except (CustomerRequiredError, RequestRefusedError):
+            # The app let the refusal through (Flask in testing mode does).
             if self.started and not self.rejected:
                 ctx.settle(billable=False)
                 raise
             if not self.rejected:
                 self._reject(None)
-            return [REJECTION_BODY]
+            return [self.rejection_body()]
         except BaseException:
             ctx.settle(billable=False)
             raise
@@ -194,6 +212,9 @@ class _WSGICall:
         if self._must_reject():
             self._reject(exc_info)
             return _discard
+        if ctx.response_headers and self.mw.rules.billable_status(ctx.status):
+            # A guard's RateLimit headers, on responses that will use the reserved units.
+            headers = [*headers, *ctx.response_headers]
         if exc_info is not None:
             return self._start_response(status, headers, exc_info)
         return self._start_response(status, headers)
@@ -211,6 +232,8 @@ class _WSGICall:
 
     def _must_reject(self) -> bool:
         ctx = self.ctx
+        if ctx.refusal is not None:
+            return True
         if not ctx.reject_missing_customer:
             return False
         if ctx.customer_required:
@@ -218,11 +241,24 @@ class _WSGICall:
         would_bill = bool(ctx.pending) or self.feature is not None
         return would_bill and self.mw.rules.billable_status(ctx.status) and ctx.customer() is None
 
+    def rejection_body(self) -> bytes:
+        """The body of the answer sent instead of the app's."""
+        refusal = self.ctx.refusal
+        return REJECTION_BODY if refusal is None else refusal.body
+
     def _reject(self, exc_info: OptExcInfo | None) -> None:
         self.rejected = True
         self.started = True
-        self.mw.stats.add("rejected_requests")
         self.ctx.settle(billable=False)
+        refusal = self.ctx.refusal
+        if refusal is not None:
+            refusal_headers = [*refusal.headers, ("Content-Length", str(len(refusal.body)))]
+            if exc_info is not None:
+                self._start_response(_status_line(refusal.status), refusal_headers, exc_info)
+            else:
+                self._start_response(_status_line(refusal.status), refusal_headers)
+            return
+        self.mw.stats.add("rejected_requests")
         logger.warning(
             "commet: rejected %s %s with 401: billable and no customer",
             self.environ.get("REQUEST_METHOD"),
@@ -268,6 +304,13 @@ class _WSGICall:
         return True
 
 
+def _status_line(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"{status} Refused"
+
+
 def _discard(data: bytes) -> None:
     """The ``write`` given to an app whose response was replaced by the 401."""
 
@@ -302,7 +345,7 @@ class _BillingIterable:
             self._exhausted = True
             call.finish(complete=True)
             raise
-        except CustomerRequiredError:
+        except (CustomerRequiredError, RequestRefusedError):
             # A lazy body (generator app) refused before calling start_response.
             if call.started and not call.rejected:
                 self._failed = True
@@ -321,7 +364,7 @@ class _BillingIterable:
         if self._rejection_sent:
             raise StopIteration
         self._rejection_sent = True
-        return REJECTION_BODY
+        return self._call.rejection_body()
 
     def close(self) -> None:
         if self._closed:

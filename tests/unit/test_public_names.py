@@ -14,6 +14,8 @@ def test_request_metering_names_are_exported() -> None:
         "commet_context",
         "current_customer",
         "metered",
+        "quota_guard",
+        "quota_release",
         "set_customer",
         "track",
     ):
