@@ -1,0 +1,1 @@
+"""Runnable example apps, importable as modules: ``uvicorn examples.fastapi_app:app``."""
