@@ -1,4 +1,4 @@
-"""Run one benchmark by name: ``python -m bench delivery [options]``."""
+"""Run one benchmark by name: ``python -m bench NAME [options]`` (names below)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import sys
 
 BENCHMARKS = {
     "delivery": "bench.delivery",
+    "http": "bench.http",
+    "soak": "bench.soak",
+    "spool_cost": "bench.spool_cost",
 }
 
 

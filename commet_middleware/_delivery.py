@@ -7,6 +7,16 @@ started inside a running event loop, else a daemon thread running its own loop. 
 loop or thread has gone away (a test client's loop closed, a fork) is replaced on the next
 enqueue or flush, and what it had taken is queued again, never lost.
 
+Durable spool (``settings.spool_path``): every operation is written to a SQLite file (see
+``_spool``) before ``enqueue`` returns, and removed only once Commet accepted it (or answered
+``duplicate``); a non-retryable refusal moves it to the spool's ``dead_letter`` table. The
+in-memory queue is then only a window of at most ``queue_limit`` operations this process has
+claimed: past it an operation is spooled unclaimed (whatever the overflow policy: it is already
+durable), and the sender claims spooled rows as room frees, including rows an earlier or crashed
+process left (replay). Rows this process holds carry a lease it renews; ``close`` gives back what
+it could not deliver, which stays in the spool for the next process. If the spool cannot be
+written, enqueue logs an ERROR and keeps the operation in memory as without a spool.
+
 Delivery is at least once on the wire and exactly once in effect: each operation's body is encoded
 once and the same bytes, carrying the same idempotency key, are re-sent on every retry, so Commet
 deduplicates. A 409 ``duplicate`` counts as delivered.
@@ -28,8 +38,9 @@ could never make room. If there is still no room the event is refused loudly: an
 customer, feature and idempotency key, the ``dropped`` counter, and ``settings.dead_letter``
 called with an ``UndeliveredError`` (reason ``"queue_full"``) so the app can persist it. Growing
 past the limit instead would trade a counted loss for an out-of-memory kill that loses every
-queued event silently. ``"spool"`` behaves like ``"block"`` until the durable spool lands (a
-warning says so once). ``"drop"`` refuses at once, just as loudly.
+queued event silently. With a spool, overflow spills to it (above). ``"spool"`` without
+``spool_path`` behaves like ``"block"`` (a warning says so once). ``"drop"`` refuses at once,
+just as loudly.
 
 Events still undelivered when ``close`` times out are reported the same way (reason
 ``"shutdown"``, counted in ``dead_lettered``).
@@ -39,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import importlib
 import logging
 import os
@@ -49,11 +61,12 @@ import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 from ._errors import CommetAPIError, CommetError
 from ._models import Operation, UsageEvent
 from ._settings import CommetSettings, Dialect
+from ._spool import Spool, SpoolRow
 
 __all__ = [
     "BACKOFF_CAP",
@@ -71,6 +84,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("commet_middleware.delivery")
+_T = TypeVar("_T")
 
 BACKOFF_CAP = 30.0
 MAX_UNEXPECTED_ATTEMPTS = 5
@@ -82,6 +96,10 @@ _RETRYABLE_CODES = frozenset({"idempotency_in_progress", "rate_limited", "intern
 _FLUSH_RECHECK = 0.25
 _AFLUSH_POLL = 0.005
 _JOIN_TIMEOUT = 1.0
+# How often an idle sender looks for spooled rows it has not been told about (spilled by another
+# thread, left by a crashed process), and how often a flush re-counts the spool.
+_SPOOL_POLL = 0.5
+_SPOOL_FLUSH_POLL = 0.05
 
 
 class OperationSender(Protocol):
@@ -185,16 +203,41 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+async def _spool_call(sender: _Sender, fn: Callable[..., _T], *args: Any) -> _T:
+    """Run a (blocking, short) spool call for ``sender`` without stalling an app's event loop.
+
+    A sender thread owns its loop, so it calls directly: that also works during interpreter
+    shutdown (the atexit flush of a WSGI worker), when no executor takes new work.
+    """
+    if sender.mode == "thread":
+        return fn(*args)
+    try:
+        future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    except RuntimeError:  # the interpreter is shutting down: no executor takes new work
+        return fn(*args)
+    return await future
+
+
 class _Item:
     """One operation on its way, with the bytes every attempt re-sends."""
 
-    __slots__ = ("attempts", "body", "operation", "unexpected")
+    __slots__ = ("attempts", "body", "operation", "row_id", "unexpected")
 
     def __init__(self, operation: Operation) -> None:
         self.operation = operation
         self.body: bytes | None = None
         self.attempts = 0
         self.unexpected = 0
+        # The spool row this process holds for it (None: in memory only).
+        self.row_id: int | None = None
+
+    @classmethod
+    def from_row(cls, row: SpoolRow) -> _Item:
+        item = cls(row.operation)
+        item.body = row.body
+        item.attempts = row.attempts
+        item.row_id = row.row_id
+        return item
 
 
 class _Sender:
@@ -231,7 +274,8 @@ class DeliveryQueue:
 
     ``sender_factory`` builds the client (default: ``AsyncCommetClient``), ``encoder`` the request
     body (default: ``_wire.encode_body``), and ``sleep`` waits out a retry delay (tests pass a
-    fast one).
+    fast one). ``spool`` replaces the one built from ``settings.spool_path`` (tests pass one
+    with a short lease).
     """
 
     def __init__(
@@ -243,8 +287,12 @@ class DeliveryQueue:
         sleep: Sleep | None = None,
         backoff_cap: float = BACKOFF_CAP,
         rng: random.Random | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self.settings = settings
+        if spool is None and settings.spool_path:
+            spool = Spool(settings.spool_path)
+        self._spool = spool
         self._sender_factory = sender_factory or _default_sender_factory
         self._encoder = encoder or _default_encoder
         self._sleep: Sleep = sleep or asyncio.sleep
@@ -285,6 +333,8 @@ class DeliveryQueue:
         self._duplicates = 0
         self._dead_lettered = 0
         self._dropped = 0
+        self._spilled = 0
+        self._spill_warned = False
 
     def __repr__(self) -> str:
         return f"<DeliveryQueue pending={self._pending} limit={self._limit}>"
@@ -297,6 +347,9 @@ class DeliveryQueue:
             if self._pid != os.getpid():
                 self._reset_after_fork()
             item = _Item(operation)
+            if self._spool is not None:
+                self._enqueue_spooled(item, self._spool)
+                return
             with self._lock:
                 if self._pending < self._limit:
                     self._queue.append(item)
@@ -317,11 +370,62 @@ class DeliveryQueue:
         except Exception:
             logger.exception("commet: could not enqueue %s; the request is unaffected", operation)
 
+    def _enqueue_spooled(self, item: _Item, spool: Spool) -> None:
+        with self._lock:
+            room = self._pending < self._limit
+            if room:  # reserve the place now; flush waits for it from here on
+                self._pending += 1
+                self._queued += 1
+        try:
+            item.body = self._encoder(item.operation, self.settings.dialect)
+        except Exception:
+            # Stored without bytes: the sender encodes it again and dead-letters it if it fails.
+            logger.exception("commet: could not encode %s", _describe(item.operation))
+        try:
+            item.row_id = spool.add(item.operation, self.settings.dialect, item.body, claim=room)
+        except Exception:
+            logger.exception(
+                "commet: could not write to the spool %s; keeping %s in memory only",
+                spool.path,
+                _describe(item.operation),
+            )
+            if not room:
+                self._overflow(item)
+                return
+        if not room:
+            with self._lock:
+                self._queued += 1
+                self._spilled += 1
+                warn = not self._spill_warned
+                self._spill_warned = True
+                sender = self._sender
+            if warn:
+                logger.warning(
+                    "commet: delivery queue full (limit %d); spilling operations to the spool %s",
+                    self._limit,
+                    spool.path,
+                )
+            if sender is None or not sender.alive():
+                self._ensure_sender()
+            return
+        with self._lock:
+            self._queue.append(item)
+            wake = self._idle
+            self._idle = False
+            sender = self._sender
+        if sender is None or not sender.alive():
+            self._ensure_sender()
+        elif wake:
+            self._poke(sender)
+
     def _overflow(self, item: _Item) -> None:
         policy = self.settings.overflow
         if policy == "spool" and not self._spool_warned:
             self._spool_warned = True
-            logger.warning("commet: overflow='spool' is not implemented yet; behaving like 'block'")
+            logger.warning(
+                "commet: overflow='spool' without a spool_path: spilling to memory is not "
+                "implemented yet (set spool_path); behaving like 'block'"
+            )
         if policy != "drop" and _running_loop() is None:
             self._ensure_sender()
             deadline = time.monotonic() + self.settings.overflow_block_timeout
@@ -453,10 +557,13 @@ class DeliveryQueue:
         tasks: set[asyncio.Task[None]] = set()
         client: OperationSender | None = None
         loop = asyncio.get_running_loop()
+        renewer: asyncio.Task[None] | None = None
         try:
             client = await self._make_client(sender)
             if client is None:
                 return
+            if self._spool is not None:
+                renewer = loop.create_task(self._renew_leases(sender, self._spool))
             while True:
                 if sender.free_slots <= 0:
                     sender.slot_free.clear()
@@ -464,11 +571,26 @@ class DeliveryQueue:
                         await sender.slot_free.wait()
                     continue
                 sender.wakeup.clear()
-                batch = self._take(sender, min(sender.free_slots, self.settings.batch_size))
+                limit = min(sender.free_slots, self.settings.batch_size)
+                batch = self._take(sender, limit)
                 if batch is None:
                     return
+                if not batch and self._spool is not None:
+                    room = min(limit, self._limit - self._pending)
+                    if room > 0:
+                        # SQLite calls run off the event loop: it may be the app's.
+                        batch = await _spool_call(
+                            sender, self._claim_spooled, sender, self._spool, room
+                        )
+                        if batch is None:
+                            return
                 if not batch:
-                    await sender.wakeup.wait()
+                    if self._spool is None:
+                        await sender.wakeup.wait()
+                    else:
+                        # Rows can appear in the spool without a wake-up (another process).
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(sender.wakeup.wait(), _SPOOL_POLL)
                     continue
                 for item in batch:
                     sender.free_slots -= 1
@@ -478,12 +600,27 @@ class DeliveryQueue:
         except Exception:
             logger.exception("commet: the delivery sender failed; the next enqueue restarts it")
         finally:
+            if renewer is not None:
+                renewer.cancel()
+                tasks.add(renewer)
             for task in tasks:
                 task.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
             if client is not None:
                 await self._close_client(client)
+
+    async def _renew_leases(self, sender: _Sender, spool: Spool) -> None:
+        # A third of the lease: two renewals may fail (a busy file) before another process may
+        # take a row this one is still sending.
+        interval = max(spool.lease_seconds / 3, 0.01)
+        while not sender.retired:
+            try:
+                await _spool_call(sender, spool.renew)
+                await _spool_call(sender, spool.reclaim_dead_owners)
+            except Exception:
+                logger.exception("commet: could not renew the spool leases")
+            await asyncio.sleep(interval)
 
     async def _make_client(self, sender: _Sender) -> OperationSender | None:
         attempt = 0
@@ -514,12 +651,39 @@ class DeliveryQueue:
                 return None
             queue = self._queue
             if not queue:
+                # Idle before any spool claim, too: an enqueue from now on pokes the sender.
                 self._idle = True
                 return []
             batch = [queue.popleft() for _ in range(min(limit, len(queue)))]
             sender.owned.update(batch)
             sender.in_flight += len(batch)
             return batch
+
+    def _claim_spooled(self, sender: _Sender, spool: Spool, room: int) -> list[_Item] | None:
+        # The places are reserved in ``_pending`` before the rows are claimed: a flush that saw
+        # nothing pending and then no claimable row cannot miss rows claimed in between.
+        with self._lock:
+            self._pending += room
+        rows: list[SpoolRow] = []
+        try:
+            rows = spool.claim(room)
+        except Exception:
+            logger.exception("commet: could not read the spool %s", spool.path)
+        items = [_Item.from_row(row) for row in rows]
+        with self._lock:
+            stale = sender.retired or self._sender is not sender
+            self._pending -= room if stale else room - len(items)
+            if not stale:
+                sender.owned.update(items)
+                sender.in_flight += len(items)
+                if items:
+                    self._idle = False
+            self._cond.notify_all()
+        if stale:
+            with contextlib.suppress(Exception):
+                spool.release([item.row_id for item in items if item.row_id is not None])
+            return None
+        return items
 
     async def _deliver(self, sender: _Sender, client: OperationSender, item: _Item) -> None:
         try:
@@ -528,6 +692,7 @@ class DeliveryQueue:
                     item.body = self._encoder(item.operation, self.settings.dialect)
             except Exception as exc:
                 logger.exception("commet: could not encode %s", _describe(item.operation))
+                await self._settle_row(sender, item, exc)
                 self._finish(sender, item, failure=exc)
                 return
             try:
@@ -535,8 +700,19 @@ class DeliveryQueue:
             except Exception as exc:
                 delay = self._plan_retry(item, exc)
                 if delay is None:
+                    await self._settle_row(sender, item, exc)
                     self._finish(sender, item, failure=exc)
                     return
+                if item.row_id is not None and self._spool is not None:
+                    try:
+                        await _spool_call(
+                            sender,
+                            self._spool.note_failure,
+                            item.row_id,
+                            self._redact(str(exc) or repr(exc)),
+                        )
+                    except Exception:
+                        logger.exception("commet: could not update the spool")
                 with self._lock:
                     if item not in sender.owned:
                         return
@@ -544,6 +720,7 @@ class DeliveryQueue:
                     sender.retrying += 1
                     self._retried += 1
             else:
+                await self._settle_row(sender, item, None)
                 self._finish(sender, item, result=result)
                 return
         finally:
@@ -561,6 +738,21 @@ class DeliveryQueue:
                     self._idle = False
         if requeue:
             sender.wakeup.set()
+
+    async def _settle_row(self, sender: _Sender, item: _Item, failure: Exception | None) -> None:
+        """Remove an accepted operation's spool row, or move a refused one to dead_letter."""
+        spool, row_id = self._spool, item.row_id
+        if spool is None or row_id is None:
+            return
+        try:
+            if failure is None:
+                await _spool_call(sender, spool.ack, row_id)
+            else:
+                reason = self._redact(f"{type(failure).__name__}: {failure}")
+                await _spool_call(sender, spool.bury, row_id, reason)
+        except Exception:
+            # Accepted but still spooled: a later replay gets 409 duplicate, which is delivered.
+            logger.exception("commet: could not update the spool for %s", _describe(item.operation))
 
     def _plan_retry(self, item: _Item, error: Exception) -> float | None:
         item.attempts += 1
@@ -676,11 +868,12 @@ class DeliveryQueue:
                 return self._pending == 0
             while True:
                 with self._cond:
-                    if self._pending == 0:
-                        return True
+                    pending = self._pending
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return False
+                if pending == 0 and self._spool_drained() and self._pending == 0:
+                    return True
+                if remaining <= 0:
+                    return False
                 if not self._ensure_sender():
                     # No thread can start (interpreter shutdown): drain on a loop of our own.
                     if _running_loop() is not None:
@@ -689,6 +882,12 @@ class DeliveryQueue:
                 with self._cond:
                     if self._pending:
                         self._cond.wait(min(remaining, _FLUSH_RECHECK))
+                        continue
+                # Only spooled rows are left: nudge the sender to claim them.
+                sender = self._sender
+                if sender is not None:
+                    self._poke(sender)
+                time.sleep(min(remaining, _SPOOL_FLUSH_POLL))
         except Exception:
             logger.exception("commet: flush failed")
             return False
@@ -699,15 +898,36 @@ class DeliveryQueue:
             if timeout is None:
                 timeout = self.settings.shutdown_timeout
             deadline = time.monotonic() + timeout
-            while self._pending:
-                if time.monotonic() >= deadline:
+            next_spool_check = 0.0
+            while True:
+                now = time.monotonic()
+                if not self._pending and now >= next_spool_check:
+                    if self._spool_drained() and not self._pending:
+                        return True
+                    next_spool_check = now + _SPOOL_FLUSH_POLL
+                    sender = self._sender
+                    if sender is not None:
+                        self._poke(sender)
+                if now >= deadline:
                     return False
                 self._ensure_sender()
                 await asyncio.sleep(_AFLUSH_POLL)
-            return True
         except Exception:
             logger.exception("commet: flush failed")
             return False
+
+    def _spool_drained(self) -> bool:
+        """True if the spool has no row waiting to be claimed (always, without a spool)."""
+        spool = self._spool
+        if spool is None:
+            return True
+        try:
+            # Rows a dead process of this host held are ours to deliver now, not after the lease.
+            spool.reclaim_dead_owners()
+            return spool.waiting() == 0
+        except Exception:
+            logger.exception("commet: could not read the spool %s", spool.path)
+            return True  # nothing this process can do about it now; do not spin on it
 
     def close(self, timeout: float | None = None) -> bool:
         """Flush, then stop the sender; report what was left. True if everything was delivered.
@@ -722,6 +942,7 @@ class DeliveryQueue:
                 leftovers.extend(self._queue)
                 self._queue.clear()
                 self._pending -= len(leftovers)
+                leftovers = self._keep_spooled(leftovers)
                 self._dead_lettered += len(leftovers)
                 self._cond.notify_all()
             if sender is not None:
@@ -748,6 +969,7 @@ class DeliveryQueue:
                 leftovers.extend(self._queue)
                 self._queue.clear()
                 self._pending -= len(leftovers)
+                leftovers = self._keep_spooled(leftovers)
                 self._dead_lettered += len(leftovers)
                 self._cond.notify_all()
             if sender is not None:
@@ -761,6 +983,22 @@ class DeliveryQueue:
             logger.exception("commet: close failed")
             return False
         return delivered and not leftovers
+
+    def _keep_spooled(self, items: list[_Item]) -> list[_Item]:
+        """Give back the spool rows among ``items`` (lock held); return the memory-only rest."""
+        spooled = [item.row_id for item in items if item.row_id is not None]
+        if not spooled or self._spool is None:
+            return items
+        try:
+            self._spool.release(spooled)
+        except Exception:
+            logger.exception("commet: could not release spool rows; they wait out their lease")
+        logger.warning(
+            "commet: closing with %d operations undelivered; they stay in the spool %s",
+            len(spooled),
+            self._spool.path,
+        )
+        return [item for item in items if item.row_id is None]
 
     def _abandon(self, items: list[_Item]) -> None:
         if not items:
@@ -836,7 +1074,7 @@ def close_default_queues(timeout: float | None = None) -> bool:
 
 def _close_all_at_exit() -> None:
     for queue in list(_live_queues):
-        if queue._pending or queue._sender is not None:
+        if queue._pending or queue._sender is not None or queue._spilled:
             queue.close(queue.settings.shutdown_timeout)
 
 
