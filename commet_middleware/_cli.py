@@ -1,14 +1,15 @@
-"""The ``commet-middleware`` command: run the local Commet emulator, or a short demo of it."""
+"""The ``commet-middleware`` command: the local Commet emulator, the demo, the spool tools."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import time
 from collections.abc import Sequence
 
 __all__ = ["main"]
-
-DEMO_API_KEY = "ck_sandbox_demo"
 
 
 def _emulator(args: argparse.Namespace) -> int:
@@ -25,77 +26,52 @@ def _emulator(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import httpx
+    from ._demo import DemoError, DemoOptions, DemoReport, format_report, run_demo
 
-    from .testing import FakeCommet
-
-    fake = FakeCommet.from_catalogue()
-    with (
-        fake.serve() as url,
-        httpx.Client(base_url=url, headers={"x-api-key": DEMO_API_KEY}, timeout=10) as client,
-    ):
-        calls: list[tuple[str, str, dict[str, object] | None]] = [
-            (
-                "POST",
-                "/api/v1/usage/events",
-                {"featureCode": "api_calls", "customerId": "user_123", "eventId": "evt-1"},
-            ),
-            (
-                "POST",
-                "/api/v1/usage/events",
-                {"featureCode": "api_calls", "customerId": "user_123", "eventId": "evt-1"},
-            ),
-            (
-                "POST",
-                "/api/usage/events",
-                {
-                    "feature": "ai_tokens",
-                    "customerId": "user_123",
-                    "value": 1500,
-                    "idempotencyKey": "req-2",
-                    "properties": {"model": "small"},
-                },
-            ),
-            (
-                "POST",
-                "/api/v1/usage/quota",
-                {"featureCode": "tasks", "customerId": "user_123", "count": 12},
-            ),
-            (
-                "DELETE",
-                "/api/usage/quota",
-                {"featureCode": "tasks", "customerId": "user_123", "count": 4},
-            ),
-            ("GET", "/api/v1/usage/quota?customerId=user_123&featureCode=tasks", None),
-            (
-                "POST",
-                "/api/v1/usage/quota",
-                {"featureCode": "whatsapp_numbers", "customerId": "user_123", "count": 5},
-            ),
-        ]
-        print(f"emulator at {url}\n")
-        print(f"{'request':<64} {'status':>6}  answer")
-        for method, path, body in calls:
-            response = client.request(method, path, json=body)
-            payload = response.json()
-            error = payload.get("error") if isinstance(payload, dict) else None
-            note = f"{error['type']}/{error['code']}" if error else payload.get("object", "")
-            if response.headers.get("deprecation") == "true":
-                note += "  (legacy: Deprecation: true)"
-            print(f"{method + ' ' + path:<64} {response.status_code:>6}  {note}")
-    print("\nrecorded usage events:")
-    print(f"  {'customer':<10} {'feature':<10} {'value':>6}  {'key':<8} dialect")
-    for event in fake.events():
-        print(
-            f"  {event.customer_id:<10} {event.feature:<10} {event.value:>6}  "
-            f"{event.idempotency_key or '-':<8} {event.dialect}"
+    try:
+        options = DemoOptions(
+            app=args.app,
+            customers=args.customers,
+            duration=args.duration,
+            outage=min(args.outage, args.duration),
+            spool=not args.no_spool,
+            emulator_port=args.emulator_port,
+            app_port=args.app_port,
+            progress=False if args.no_progress else None,
         )
-    allowance = fake.quota("user_123", "tasks")
-    print(
-        f"\nquota user_123/tasks: current={allowance.current} included={allowance.included} "
-        f"remaining={allowance.remaining} billed={allowance.billed_quantity}"
-    )
-    return 0
+    except ValueError as exc:
+        print(f"commet-middleware demo: {exc}", file=sys.stderr)
+        return 2
+
+    def serve_until(report: DemoReport) -> None:
+        print(format_report(report), flush=True)
+        print(f"\nserving until Ctrl+C:\n  dashboard  {report.dashboard_url}")
+        print(f"  app        {report.app_url}")
+        if report.app == "fastapi":
+            print(f"  API docs   {report.app_url}/docs")
+        print(f"  try: curl -H 'X-Customer-ID: user_123' '{report.app_url}/search?q=policy'")
+        sys.stdout.flush()
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(1)
+        print("\nstopping (the app flushes its queue) ...", file=sys.stderr, flush=True)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM tears down like Ctrl+C: the app is stopped (and flushes), temporary files go.
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        report = run_demo(options, serve_until=serve_until if args.serve else None)
+    except DemoError as exc:
+        print(f"commet-middleware demo: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ncommet-middleware demo: interrupted", file=sys.stderr)
+        return 130
+    if not args.serve:
+        print(format_report(report), flush=True)
+    return 0 if report.ok else 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,8 +86,45 @@ def _parser() -> argparse.ArgumentParser:
         "--config", default=None, help="TOML catalogue of features and customers (default: demo)"
     )
     emulator.set_defaults(run=_emulator)
-    demo = commands.add_parser("demo", help="send a few requests to an emulator and show them")
+    demo = commands.add_parser(
+        "demo",
+        help="bill an example app's traffic through a local emulator and check every event",
+        description=(
+            "Serve the Commet emulator, run an example app against it, drive a scripted load "
+            "(metered calls, quotas up to 402, a release, no-customer and failing requests, "
+            "a Commet outage and its recovery), stop the app and compare what was billed with "
+            "what Commet recorded. Exit status 1 if an event was lost or duplicated."
+        ),
+    )
+    demo.add_argument(
+        "--app", choices=("fastapi", "flask", "starlette"), default="fastapi",
+        help="which example app to run (default fastapi)",
+    )  # fmt: skip
+    demo.add_argument("--customers", type=int, default=3, help="customers sending load (3)")
+    demo.add_argument("--duration", type=float, default=8.0, help="seconds of load (8)")
+    demo.add_argument(
+        "--outage", type=float, default=2.0,
+        help="seconds the emulator answers 503 mid-run (2; 0: none)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--no-spool", action="store_true", help="run the app without the durable SQLite spool"
+    )
+    demo.add_argument(
+        "--serve", action="store_true",
+        help="keep the emulator and the app running after the load, until Ctrl+C",
+    )  # fmt: skip
+    demo.add_argument("--emulator-port", type=int, default=0, help="emulator port (0: any)")
+    demo.add_argument("--app-port", type=int, default=0, help="app port (0: any)")
+    demo.add_argument(
+        "--no-progress", action="store_true", help="periodic lines instead of a progress bar"
+    )
     demo.set_defaults(run=_demo)
+    try:
+        from ._spool_cli import add_spool_commands
+    except ImportError:  # pragma: no cover - the spool commands ship with the spool
+        pass
+    else:
+        add_spool_commands(commands)
     return parser
 
 

@@ -12,18 +12,24 @@ https://commet.co). To try it against the local emulator (demo customers ``user_
     curl -H 'X-Customer-ID: user_123' 'http://127.0.0.1:8000/search?q=invoice'
     curl -H 'Authorization: Bearer sk_demo_acme' -H 'Content-Type: application/json' \\
          -d '{"text": "Invoices are due in thirty days"}' http://127.0.0.1:8000/summarize
+    curl -X POST -H 'X-Customer-ID: user_123' -H 'Content-Type: application/json' \\
+         -d '{"title": "Call the bank"}' http://127.0.0.1:8000/tasks     # 402 at the quota
+    curl -X DELETE -H 'X-Customer-ID: user_123' http://127.0.0.1:8000/tasks/1
 
-Usage is sent in the background and flushed when uvicorn shuts down (lifespan shutdown).
+Usage is sent in the background and flushed when uvicorn shuts down (lifespan shutdown). With
+``COMMET_SPOOL=/path/to/spool.sqlite`` set, every billable operation is first written to that
+SQLite file and survives a crash or an outage of Commet until it is delivered.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, HTTPException
 from pydantic import BaseModel, Field
 
-from commet_middleware import CommetMiddleware, metered, set_customer
+from commet_middleware import CommetMiddleware, metered, quota_guard, quota_release, set_customer
 from commet_middleware.customers import from_header
 
 DOCUMENTS: dict[str, str] = {
@@ -40,13 +46,32 @@ app = FastAPI(title="Commet FastAPI example")
 # trusted gateway that authenticates the caller, sets this header itself and strips any value
 # the client sent; otherwise anyone can bill anyone. /summarize shows the alternative: an
 # auth dependency that calls set_customer().
+# The other settings come from the environment: COMMET_API_KEY, COMMET_BASE_URL, and
+# COMMET_SPOOL, which (when set) turns on the durable SQLite spool.
 app.add_middleware(CommetMiddleware, customer=from_header("X-Customer-ID"))
+
+# The tasks store: one process's memory, enough for a demo (run one worker).
+TASKS: dict[int, str] = {}
+_task_ids = itertools.count(1)
 
 
 class SummaryRequest(BaseModel):
     """The text to summarise."""
 
     text: str = Field(min_length=1)
+
+
+class NewTask(BaseModel):
+    """A task to create."""
+
+    title: str = Field(min_length=1, max_length=200)
+
+
+class Task(BaseModel):
+    """A stored task."""
+
+    id: int
+    title: str
 
 
 class Summary(BaseModel):
@@ -105,6 +130,24 @@ async def summarize(
     """Summarise text for an API-key holder; billed by the tokens the summary reports."""
     words = body.text.split()
     return Summary(summary=" ".join(words[:5]), tokens=len(words) * 10)
+
+
+@app.post("/tasks", status_code=201)
+@quota_guard("tasks")
+async def create_task(body: NewTask) -> Task:
+    """Create a task; refused with 402 ``quota_exceeded`` once the plan's tasks are used up."""
+    task_id = next(_task_ids)
+    TASKS[task_id] = body.title
+    return Task(id=task_id, title=body.title)
+
+
+@app.delete("/tasks/{task_id}")
+@quota_release("tasks")
+def delete_task(task_id: int) -> dict[str, int]:
+    """Delete a task and give its quota unit back; a 404 releases nothing."""
+    if TASKS.pop(task_id, None) is None:
+        raise HTTPException(status_code=404, detail="no such task")
+    return {"deleted": task_id}
 
 
 @app.get("/reports/usage")

@@ -13,6 +13,9 @@ https://commet.co). To try it against the local emulator (demo customers ``user_
     curl -H 'X-Customer-ID: user_123' 'http://127.0.0.1:8000/search?q=policy'
     curl -H 'Authorization: Bearer sk_demo_acme' -H 'Content-Type: application/json' \\
          -d '{"text": "Invoices are due in thirty days"}' http://127.0.0.1:8000/summarize
+    curl -X POST -H 'X-Customer-ID: user_123' -H 'Content-Type: application/json' \\
+         -d '{"title": "Call the bank"}' http://127.0.0.1:8000/tasks     # 402 at the quota
+    curl -X DELETE -H 'X-Customer-ID: user_123' http://127.0.0.1:8000/tasks/1
 
 WSGI has no lifespan: each worker starts its delivery sender on its first request (also after
 a ``--preload`` fork) and flushes it when the worker process exits.
@@ -20,11 +23,20 @@ a ``--preload`` fork) and flushes it when the worker process exits.
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Iterator
 
 from flask import Flask, Response, abort, jsonify, request, stream_with_context
 
-from commet_middleware import CommetWSGIMiddleware, metered, set_customer, track
+from commet_middleware import (
+    CommetWSGIMiddleware,
+    metered,
+    quota_guard,
+    quota_release,
+    set_customer,
+    track,
+)
 from commet_middleware.customers import from_header
 
 DOCUMENTS: dict[str, str] = {
@@ -44,6 +56,12 @@ app = Flask(__name__)
 app.wsgi_app = CommetWSGIMiddleware(  # type: ignore[method-assign]
     app.wsgi_app, customer=from_header("X-Customer-ID")
 )
+
+# The tasks store: one process's memory, enough for a demo (run one gunicorn worker; threads
+# are fine).
+TASKS: dict[int, str] = {}
+_tasks_lock = threading.Lock()
+_task_ids = itertools.count(1)
 
 
 @app.before_request
@@ -100,6 +118,31 @@ def export_csv() -> Response:
         track("api_calls", len(DOCUMENTS))
 
     return Response(stream_with_context(rows()), mimetype="text/csv")
+
+
+@app.post("/tasks")
+@quota_guard("tasks")
+def create_task() -> tuple[dict[str, str | int], int]:
+    """Create a task; refused with 402 ``quota_exceeded`` once the plan's tasks are used up."""
+    body = request.get_json(silent=True)
+    title = body.get("title") if isinstance(body, dict) else None
+    if not isinstance(title, str) or not title.strip():
+        abort(422, description="title is required")  # an error: the reserved unit is released
+    with _tasks_lock:
+        task_id = next(_task_ids)
+        TASKS[task_id] = title
+    return {"id": task_id, "title": title}, 201
+
+
+@app.delete("/tasks/<int:task_id>")
+@quota_release("tasks")
+def delete_task(task_id: int) -> dict[str, int]:
+    """Delete a task and give its quota unit back; a 404 releases nothing."""
+    with _tasks_lock:
+        found = TASKS.pop(task_id, None)
+    if found is None:
+        abort(404, description="no such task")
+    return {"deleted": task_id}
 
 
 @app.get("/reports/usage")

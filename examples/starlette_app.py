@@ -11,12 +11,16 @@ https://commet.co). To try it against the local emulator (demo customers ``user_
 
     curl -H 'X-Customer-ID: user_123' 'http://127.0.0.1:8000/search?q=policy'
     curl -H 'X-Customer-ID: user_123' http://127.0.0.1:8000/export.csv
+    curl -X POST -H 'X-Customer-ID: user_123' -H 'Content-Type: application/json' \\
+         -d '{"title": "Call the bank"}' http://127.0.0.1:8000/tasks     # 402 at the quota
+    curl -X DELETE -H 'X-Customer-ID: user_123' http://127.0.0.1:8000/tasks/1
 
 Usage is sent in the background and flushed when uvicorn shuts down (lifespan shutdown).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -26,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from commet_middleware import CommetMiddleware, metered, track
+from commet_middleware import CommetMiddleware, metered, quota_guard, quota_release, track
 from commet_middleware.customers import from_header
 
 DOCUMENTS: dict[str, str] = {
@@ -34,6 +38,10 @@ DOCUMENTS: dict[str, str] = {
     "doc-2": "Refund policy: refunds are paid to the original payment method.",
     "doc-3": "Shipping policy: orders ship within two business days.",
 }
+
+# The tasks store: one process's memory, enough for a demo (run one worker).
+TASKS: dict[int, str] = {}
+_task_ids = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,28 @@ async def export_csv(request: Request) -> Response:
     return StreamingResponse(rows(), media_type="text/csv")
 
 
+@quota_guard("tasks")
+async def create_task(request: Request) -> Response:
+    """Create a task; refused with 402 ``quota_exceeded`` once the plan's tasks are used up."""
+    body = await request.json()
+    title = body.get("title") if isinstance(body, dict) else None
+    if not isinstance(title, str) or not title.strip():
+        # A 4xx is not a success: the unit reserved for this request is released.
+        return JSONResponse({"error": "title is required"}, status_code=422)
+    task_id = next(_task_ids)
+    TASKS[task_id] = title
+    return JSONResponse({"id": task_id, "title": title}, status_code=201)
+
+
+@quota_release("tasks")
+async def delete_task(request: Request) -> Response:
+    """Delete a task and give its quota unit back; a 404 releases nothing."""
+    task_id = request.path_params["task_id"]
+    if TASKS.pop(task_id, None) is None:
+        return JSONResponse({"error": "no such task"}, status_code=404)
+    return JSONResponse({"deleted": task_id})
+
+
 @metered("api_calls")
 async def usage_report(request: Request) -> Response:
     """Needs a reporting backend this demo lacks: it always fails, and a failure is not billed."""
@@ -102,6 +132,8 @@ app = Starlette(
         Route("/search", search),
         Route("/summarize", summarize, methods=["POST"]),
         Route("/export.csv", export_csv),
+        Route("/tasks", create_task, methods=["POST"]),
+        Route("/tasks/{task_id:int}", delete_task, methods=["DELETE"]),
         Route("/reports/usage", usage_report),
     ],
     middleware=[

@@ -59,13 +59,18 @@ def test_cli_emulator_serves_a_config(tmp_path: Path) -> None:
 
 @pytest.mark.server
 def test_cli_demo_exits_zero() -> None:
-    """`commet-middleware demo` talks to a served emulator and prints what it recorded."""
+    """`commet-middleware demo` serves the emulator, drives the app and finds nothing lost."""
     result = subprocess.run(  # noqa: S603 - a fixed argv, no outside input
-        [*CLI, "demo"], capture_output=True, text=True, timeout=60, check=False
+        [*CLI, "demo", "--duration", "3", "--outage", "1", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "conflict_error/duplicate" in result.stdout
-    assert "recorded usage events" in result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("dashboard: http://127.0.0.1:")
+    assert lines[-1] == "lost: 0, duplicated: 0"
 
 
 def test_cli_needs_a_subcommand() -> None:
