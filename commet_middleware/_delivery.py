@@ -44,6 +44,14 @@ just as loudly.
 
 Events still undelivered when ``close`` times out are reported the same way (reason
 ``"shutdown"``, counted in ``dead_lettered``).
+
+Fork: a thread that holds a lock when the process forks holds it forever in the child (an import
+lock, OpenSSL's locks while it builds an SSL context). So the HTTP stack is imported up front by
+the thread that creates the queue or starts its sender, never by a sender thread, and before any
+fork (``os.register_at_fork``) every sender *thread* of this process is stopped at an await and
+joined: what it had taken goes back to the queue (spool claims stay this process's), and it is
+restarted after the fork if work is pending. A sender task on an app's event loop needs nothing:
+no other thread runs it. The child starts afresh with an empty queue of its own.
 """
 
 from __future__ import annotations
@@ -70,6 +78,7 @@ from ._spool import Spool, SpoolRow
 
 __all__ = [
     "BACKOFF_CAP",
+    "MAX_CLIENT_ATTEMPTS",
     "MAX_UNEXPECTED_ATTEMPTS",
     "DeliveryListener",
     "DeliveryQueue",
@@ -88,6 +97,9 @@ _T = TypeVar("_T")
 
 BACKOFF_CAP = 30.0
 MAX_UNEXPECTED_ATTEMPTS = 5
+# Attempts to build the client before a sender gives up (loudly) and leaves its work queued for
+# the next sender an enqueue or flush starts.
+MAX_CLIENT_ATTEMPTS = 5
 # Statuses worth retrying even if an error object forgot to say so: for a background pipeline
 # a 429 is never final, Retry-After or not.
 _RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -96,6 +108,8 @@ _RETRYABLE_CODES = frozenset({"idempotency_in_progress", "rate_limited", "intern
 _FLUSH_RECHECK = 0.25
 _AFLUSH_POLL = 0.005
 _JOIN_TIMEOUT = 1.0
+# How long a fork waits for a sender thread to stop; it forks anyway afterwards (and says so).
+_FORK_JOIN_TIMEOUT = 5.0
 # How often an idle sender looks for spooled rows it has not been told about (spilled by another
 # thread, left by a crashed process), and how often a flush re-counts the spool.
 _SPOOL_POLL = 0.5
@@ -188,6 +202,45 @@ def _default_sender_factory(settings: CommetSettings) -> OperationSender:
     return cast("OperationSender", module.AsyncCommetClient(settings))
 
 
+# What the default client imports on first use rather than at import time (httpx imports httpcore
+# lazily; httpcore, anyio and the socket layer import their backends on the first request).
+_HTTP_STACK_MODULES = (
+    "commet_middleware._client",
+    "commet_middleware._wire",
+    "certifi",
+    "encodings.idna",
+    "sniffio",
+    "httpcore",
+    "httpcore._backends.anyio",
+    "httpcore._backends.auto",
+    "anyio._backends._asyncio",
+    "anyio.abc",
+    "anyio.lowlevel",
+    "anyio.streams.memory",
+    "anyio.streams.stapled",
+    "anyio.streams.tls",
+    "anyio.to_thread",
+)
+_http_stack_imported = False
+
+
+def _import_http_stack() -> None:
+    """Import what the default client needs, in the calling thread, once per process.
+
+    A sender thread that imports holds the import lock of a half-built module; a fork then
+    leaves the child that lock and the half-built module (``partially initialized module``).
+    """
+    global _http_stack_imported
+    if _http_stack_imported:
+        return
+    for name in _HTTP_STACK_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # another version lays itself out differently: imported on use
+            logger.debug("commet: could not import %s ahead of use", name)
+    _http_stack_imported = True
+
+
 def _default_encoder(operation: Operation, dialect: Dialect) -> bytes | None:
     try:
         module = importlib.import_module("commet_middleware._wire")
@@ -259,9 +312,11 @@ class _Sender:
         self.in_flight = 0
         self.retrying = 0
         self.retired = False
+        # Set before a fork: stop at the next await and put back what it holds (see _run).
+        self.stop_requested = False
 
     def alive(self) -> bool:
-        if self.retired:
+        if self.retired or self.stop_requested:
             return False
         if self.mode == "thread":
             return self.thread is not None and self.thread.is_alive()
@@ -301,6 +356,8 @@ class DeliveryQueue:
         self._limit = settings.queue_limit
         self._listeners: list[DeliveryListener] = []
         self._init_state()
+        if sender_factory is None:
+            _import_http_stack()
         _live_queues.add(self)
 
     def add_listener(self, listener: DeliveryListener) -> None:
@@ -335,6 +392,9 @@ class DeliveryQueue:
         self._dropped = 0
         self._spilled = 0
         self._spill_warned = False
+        # Set from before a fork until after it, in the parent: _start_lock is held meanwhile.
+        self._held_for_fork = False
+        self._stopped_for_fork = False
 
     def __repr__(self) -> str:
         return f"<DeliveryQueue pending={self._pending} limit={self._limit}>"
@@ -477,13 +537,18 @@ class DeliveryQueue:
         except Exception:
             logger.exception("commet: could not start the delivery sender")
 
-    def _ensure_sender(self) -> bool:
-        """Make sure a live sender exists; return False if none could be started."""
+    def _ensure_sender(self, *, thread_only: bool = False) -> bool:
+        """Make sure a live sender exists; return False if none could be started.
+
+        ``thread_only``: start a thread even on a running loop (restarting a thread sender).
+        """
         with self._start_lock:
             current = self._sender
             if current is not None and current.alive():
                 return True
-            loop = _running_loop()
+            loop = None if thread_only else _running_loop()
+            if loop is None and self._sender_factory is _default_sender_factory:
+                _import_http_stack()  # here, never in the sender thread
             sender = _Sender("asyncio" if loop else "thread", self.settings.max_concurrency)
             with self._lock:
                 if current is not None:
@@ -552,6 +617,10 @@ class DeliveryQueue:
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 loop.close()
+        if sender.stop_requested and not self._held_for_fork and self._pending:
+            # Stopped for a fork that did not wait for it: the fork is over, carry on.
+            with contextlib.suppress(Exception):
+                self._ensure_sender(thread_only=True)
 
     async def _run(self, sender: _Sender) -> None:
         tasks: set[asyncio.Task[None]] = set()
@@ -607,6 +676,14 @@ class DeliveryQueue:
                 task.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+            if sender.stop_requested:
+                # Only now that no send of this generation can still finish: an operation it
+                # delivered is finished, one it did not is queued again, never both.
+                with self._lock:
+                    if not sender.retired:
+                        self._retire(sender, requeue=True)
+                        self._idle = False
+                    self._cond.notify_all()
             if client is not None:
                 await self._close_client(client)
 
@@ -624,16 +701,48 @@ class DeliveryQueue:
 
     async def _make_client(self, sender: _Sender) -> OperationSender | None:
         attempt = 0
-        while not sender.retired:
+        while not (sender.retired or sender.stop_requested):
             try:
                 return self._sender_factory(self.settings)
             except Exception:
                 attempt += 1
-                logger.exception("commet: could not build the Commet client; retrying")
-                await self._sleep(
-                    retry_delay(attempt, base=self.settings.backoff_base, rng=self._rng)
+                if attempt >= MAX_CLIENT_ATTEMPTS:
+                    logger.exception(
+                        "commet: could not build the Commet client (%d attempts); NOT sending: "
+                        "%d operations stay queued for the next sender (the next enqueue or "
+                        "flush starts one)",
+                        attempt,
+                        self._pending,
+                    )
+                    with self._lock:
+                        self._retire(sender, requeue=True)  # owns nothing yet
+                        self._cond.notify_all()
+                    return None
+                logger.exception(
+                    "commet: could not build the Commet client (attempt %d of %d); retrying",
+                    attempt,
+                    MAX_CLIENT_ATTEMPTS,
                 )
+                delay = retry_delay(attempt, base=self.settings.backoff_base, rng=self._rng)
+                await self._sleep_unless_woken(sender, delay)
         return None
+
+    async def _sleep_unless_woken(self, sender: _Sender, delay: float) -> None:
+        """Wait ``delay``, or less if ``sender`` is poked (asked to stop before a fork)."""
+        sender.wakeup.clear()
+        if sender.stop_requested:  # asked before the clear: its wake-up may be gone
+            return
+        loop = asyncio.get_running_loop()
+        waits = {loop.create_task(self._sleep_for(delay)), loop.create_task(sender.wakeup.wait())}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+
+    async def _sleep_for(self, delay: float) -> None:
+        await self._sleep(delay)
 
     @staticmethod
     async def _close_client(client: OperationSender) -> None:
@@ -647,7 +756,7 @@ class DeliveryQueue:
 
     def _take(self, sender: _Sender, limit: int) -> list[_Item] | None:
         with self._lock:
-            if sender.retired or self._sender is not sender:
+            if sender.retired or sender.stop_requested or self._sender is not sender:
                 return None
             queue = self._queue
             if not queue:
@@ -671,7 +780,7 @@ class DeliveryQueue:
             logger.exception("commet: could not read the spool %s", spool.path)
         items = [_Item.from_row(row) for row in rows]
         with self._lock:
-            stale = sender.retired or self._sender is not sender
+            stale = sender.retired or sender.stop_requested or self._sender is not sender
             self._pending -= room if stale else room - len(items)
             if not stale:
                 sender.owned.update(items)
@@ -1033,6 +1142,41 @@ class DeliveryQueue:
         # with the parent; what it had queued is the parent's to deliver.
         self._init_state()
 
+    def _hold_for_fork(self) -> None:
+        """Before a fork: stop this queue's sender thread and start none until after it."""
+        if self._pid != os.getpid():
+            return  # inherited and not used since: nothing runs
+        # Held across the fork, so no thread starts a sender in between (released after it).
+        self._held_for_fork = self._start_lock.acquire(timeout=_FORK_JOIN_TIMEOUT)
+        if not self._held_for_fork:
+            logger.error("commet: forking while another thread starts a delivery sender")
+        sender = self._sender
+        if sender is None or sender.mode != "thread" or sender.retired:
+            return
+        thread = sender.thread
+        if thread is None or thread is threading.current_thread():
+            return  # forked from a listener on the sender's own loop: it is at a safe point
+        sender.stop_requested = True
+        self._stopped_for_fork = True
+        self._poke(sender, all_waits=True)
+        thread.join(_FORK_JOIN_TIMEOUT)
+        if thread.is_alive():
+            logger.error(
+                "commet: the delivery thread did not stop within %.0fs before a fork; the "
+                "child may inherit a lock it holds",
+                _FORK_JOIN_TIMEOUT,
+            )
+
+    def _release_after_fork(self) -> None:
+        """After a fork, in the parent: restart a stopped sender thread if work is pending."""
+        if self._held_for_fork:
+            self._held_for_fork = False
+            self._start_lock.release()
+        stopped, self._stopped_for_fork = self._stopped_for_fork, False
+        # Eagerly: no later enqueue may come to restart it, and a spool sender also polls.
+        if stopped and (self._pending or self._spool is not None):
+            self._ensure_sender(thread_only=True)
+
 
 _live_queues: weakref.WeakSet[DeliveryQueue] = weakref.WeakSet()
 _registry_lock = threading.Lock()
@@ -1078,13 +1222,40 @@ def _close_all_at_exit() -> None:
             queue.close(queue.settings.shutdown_timeout)
 
 
+_held_queues: list[DeliveryQueue] = []
+
+
+def _before_fork() -> None:
+    for queue in list(_live_queues):
+        try:
+            queue._hold_for_fork()
+        except Exception:
+            logger.exception("commet: could not stop the delivery sender before a fork")
+        _held_queues.append(queue)
+
+
+def _after_fork_in_parent() -> None:
+    queues = list(_held_queues)
+    _held_queues.clear()
+    for queue in queues:
+        try:
+            queue._release_after_fork()
+        except Exception:
+            logger.exception("commet: could not restart the delivery sender after a fork")
+
+
 def _after_fork_in_child() -> None:
     global _registry_lock
     _registry_lock = threading.Lock()
+    _held_queues.clear()
     for queue in list(_live_queues):
         queue._reset_after_fork()
 
 
 atexit.register(_close_all_at_exit)
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )

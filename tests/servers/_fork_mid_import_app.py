@@ -1,10 +1,11 @@
 """The Flask example for ``gunicorn --preload``, forked while the master's sender is importing.
 
-A request served in the master starts the delivery sender thread there, and that thread
-imports httpcore (httpx imports it lazily) while building its client. A finder slows that
-import in the master, so gunicorn forks its workers while httpcore is half initialised, as a
-slow disk or a busy machine makes happen by chance: every worker inherits the half-built module
-and an import lock held by a thread that does not exist in it.
+A request served in the master starts the delivery sender thread there. A finder slows the
+master's import of httpcore (httpx imports it lazily), as a slow disk or a busy machine does by
+chance. When the sender thread did that import while building its client, gunicorn forked its
+workers mid-import: each inherited a half-built module and an import lock held by a thread that
+does not exist in it, and never delivered. Now the thread starting the sender imports the HTTP
+stack first, and the master's sender thread is stopped before each fork.
 """
 
 from __future__ import annotations

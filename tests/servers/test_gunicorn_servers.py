@@ -124,14 +124,6 @@ def test_gunicorn_bills_exactly_the_successful_metered_requests(
     assert_ledger(commet, CALLS + CONCURRENT, server)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: a --preload master whose delivery sender is still lazily importing its HTTP stack "
-        "(httpcore, anyio) when gunicorn forks leaves the workers a held import lock or a "
-        "half-initialised module; their senders never build a client and the usage is lost"
-    ),
-)
 def test_gunicorn_preload_workers_bill_when_forked_during_the_senders_imports(
     commet: FakeCommet, launch: Launch
 ) -> None:
