@@ -8,6 +8,7 @@ order: one operation always encodes to the same bytes, which is what lets an
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ __all__ = [
     "parse_quota",
     "parse_quota_change",
     "parse_track",
+    "request_idempotency_key",
 ]
 
 # Statuses that are worth another try with the same key and body, whatever the error code.
@@ -141,6 +143,21 @@ def _headers(
     return tuple(headers)
 
 
+def request_idempotency_key(operation: Operation) -> str:
+    """Return the ``Idempotency-Key`` header value for ``operation``: its key, scoped by customer.
+
+    Commet dedupes an event's ``eventId`` per customer, but keeps ``Idempotency-Key`` headers
+    per API key, for every customer of the account. Sent raw, one key used for two customers
+    (which the reference allows) would make the second customer's request a 409
+    ``idempotency_key_mismatch`` and leave it unbilled. Hashing the customer in keeps the two
+    scopes the same: a header can only ever collide with the same customer's same key.
+    """
+    material = "\x1f".join(
+        ("commet-middleware/request", operation.customer_id, operation.idempotency_key)
+    )
+    return "cm_" + hashlib.sha256(material.encode("utf-8")).hexdigest()[:32]
+
+
 def build_request(
     operation: Operation, settings: CommetSettings, *, body: bytes | None = None
 ) -> WireRequest:
@@ -160,7 +177,9 @@ def build_request(
     return WireRequest(
         method=method,
         path=path,
-        headers=_headers(settings, idempotency_key=operation.idempotency_key, has_body=True),
+        headers=_headers(
+            settings, idempotency_key=request_idempotency_key(operation), has_body=True
+        ),
         body=body,
     )
 
@@ -321,7 +340,11 @@ def parse_track(
     """Return what a track answer says, or raise :class:`CommetAPIError`.
 
     A 409 ``duplicate`` is a success (the event is already recorded), flagged ``duplicate``.
-    When ``event`` is given, fields the answer leaves out are filled from it.
+    So is a 409 ``idempotency_key_mismatch``: the request key is scoped by customer and event
+    key (:func:`request_idempotency_key`), so a mismatch means this customer's event with this
+    key was already sent with another body (a request the app executed again, with a new
+    timestamp): Commet has the event. When ``event`` is given, fields the answer leaves out are
+    filled from it.
     """
     request_id = _header(headers, "x-request-id")
     if 200 <= status < 300:
@@ -333,7 +356,7 @@ def parse_track(
         )
     else:
         error = parse_error(status, headers, body, secret=secret)
-        if not (status == 409 and error.code == "duplicate"):
+        if not (status == 409 and error.code in ("duplicate", "idempotency_key_mismatch")):
             raise error
         result = TrackResult(duplicate=True, request_id=request_id)
     return _fill_from_event(result, event) if event is not None else result

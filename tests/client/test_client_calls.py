@@ -35,6 +35,7 @@ from commet_middleware import (
     TrackResult,
     UsageEvent,
 )
+from commet_middleware._wire import request_idempotency_key
 
 pytestmark = pytest.mark.anyio
 
@@ -98,7 +99,11 @@ async def test_track_sends_the_v1_request(harness: Harness) -> None:
     assert request.headers["commet-version"] == "2026-08-27"
     assert request.headers["x-api-key"] == SECRET
     assert request.headers["content-type"] == "application/json"
-    assert request.headers["idempotency-key"] == "key_1"
+    body = json.loads(request.content)
+    assert body["eventId"] == "key_1"
+    assert request.headers["idempotency-key"] == request_idempotency_key(
+        UsageEvent.create("cus_1", "api_calls", idempotency_key="key_1")
+    )
     assert request.content == (
         b'{"featureCode":"api_calls","customerId":"cus_1","value":3,"eventId":"key_1",'
         b'"timestamp":"2026-01-15T10:00:00.000Z","properties":[{"property":"path","value":"/x"}]}'
@@ -119,9 +124,11 @@ async def test_track_makes_a_key_and_keeps_it_and_the_bytes_across_retries(
     assert len(set(script.bodies)) == 1
     keys = {request.headers["idempotency-key"] for request in script.requests}
     assert len(keys) == 1
-    (key,) = keys
-    assert uuid.UUID(key).version == 4
-    assert sent(script.requests[0])["eventId"] == key
+    event_id = sent(script.requests[0])["eventId"]
+    assert uuid.UUID(event_id).version == 4
+    assert keys == {
+        request_idempotency_key(UsageEvent.create("cus_1", "api_calls", idempotency_key=event_id))
+    }
     assert harness.sleeps.waits == [0.5, 1.0]
     await harness.close(client)
 
@@ -325,7 +332,7 @@ async def test_send_once_sends_the_given_bytes(harness: Harness) -> None:
     cached = b'{"featureCode":"api_calls","customerId":"cus_1","value":1,"eventId":"k"}'
     await harness.call(client, "send_once", event, request_body=cached)
     assert script.requests[0].content == cached
-    assert script.requests[0].headers["idempotency-key"] == "k"
+    assert script.requests[0].headers["idempotency-key"] == request_idempotency_key(event)
     await harness.close(client)
 
 

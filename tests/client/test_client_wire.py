@@ -21,6 +21,7 @@ from commet_middleware._wire import (
     parse_quota,
     parse_quota_change,
     parse_track,
+    request_idempotency_key,
 )
 
 V1 = CommetSettings(api_key=SECRET)
@@ -54,7 +55,7 @@ def test_v1_track_request_matches_the_reference() -> None:
     assert headers["Commet-Version"] == "2026-08-27"
     assert headers["x-api-key"] == SECRET
     assert headers["Content-Type"] == "application/json"
-    assert headers["Idempotency-Key"] == "key_1"
+    assert headers["Idempotency-Key"] == request_idempotency_key(EVENT)
     assert request.body == (
         b'{"featureCode":"api_calls","customerId":"cus_1","value":2.5,"eventId":"key_1",'
         b'"timestamp":"2026-01-15T10:00:00.000Z","properties":[{"property":"method","value":"GET"},'
@@ -91,7 +92,7 @@ def test_v1_quota_changes(action: str, method: str, path: str) -> None:
     """v1 quota add/remove/set use the documented method and path, key in Idempotency-Key."""
     request = build_request(change(action), V1)
     assert (request.method, request.path) == (method, path)
-    assert dict(request.headers)["Idempotency-Key"] == "qkey"
+    assert dict(request.headers)["Idempotency-Key"] == request_idempotency_key(change(action))
     assert request.body == b'{"featureCode":"tasks","count":5,"customerId":"cus_1"}'
 
 
@@ -285,3 +286,21 @@ def test_deprecation_header() -> None:
     assert is_deprecated({"deprecation": "true"})
     assert is_deprecated({"Deprecation": "True"})
     assert not is_deprecated({})
+
+
+def test_request_key_is_scoped_by_customer() -> None:
+    """One event key for two customers makes two request keys; the same pair makes the same one."""
+    a = UsageEvent.create("cus_a", "api_calls", idempotency_key="k", timestamp="t")
+    b = UsageEvent.create("cus_b", "api_calls", idempotency_key="k", timestamp="t")
+    again = UsageEvent.create("cus_a", "api_calls", 2, idempotency_key="k", timestamp="u")
+    assert request_idempotency_key(a) != request_idempotency_key(b)
+    assert request_idempotency_key(a) == request_idempotency_key(again)
+    assert request_idempotency_key(a).startswith("cm_")
+    assert len(request_idempotency_key(a)) == 35
+
+
+def test_a_key_mismatch_on_a_usage_event_means_already_recorded() -> None:
+    """409 idempotency_key_mismatch on track: this customer's event key was already sent."""
+    body = b'{"error":{"type":"conflict_error","code":"idempotency_key_mismatch"}}'
+    result = parse_track(409, {"x-request-id": "req_1"}, body)
+    assert result.duplicate
