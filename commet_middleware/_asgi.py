@@ -20,6 +20,7 @@ from ._context import (
     RequestContext,
     RequestRefusedError,
     _current,
+    declared_body_length,
 )
 from ._keys import client_key_seed, new_request_id
 from ._models import Operation
@@ -164,12 +165,23 @@ class CommetMiddleware:
     or method to feature, or a function of the scope), skipping ``exclude`` paths and CORS
     preflights (``exclude`` concerns zero-code metering only: an explicit ``@metered``
     endpoint is metered wherever it lives). Usage is billed only when the response status
-    passes ``bill_status`` (default ``status < 400``) and the response completed: for a
-    streaming response that is when the last body chunk has been sent, so a client that
-    disconnects mid-stream is not billed. An endpoint that raises is never billed. Usage
-    recorded after the response completed (a background task) is billed at once if the
-    request was billed. ``stats`` counts what was enqueued, unattributed, rejected, invalid
-    and incomplete.
+    passes ``bill_status`` (default ``status < 400``) and the response completed. An endpoint
+    that raises is never billed.
+
+    A crash loses nothing: a billable request is settled (quota reservations committed, usage
+    enqueued, so written to the spool when there is one) *before* the message that gives the
+    client the whole response is forwarded. That message is the final body message
+    (``more_body`` false, or ``http.response.pathsend``), or earlier the body message that
+    carries the last byte of a declared ``Content-Length``, or the response start itself for
+    a response without a body (HEAD, 204, 304). Every message is still forwarded as soon as it
+    arrives; nothing is buffered. So only that one send is inside the billed window: a client
+    that disconnects before it (mid-stream, or a send that raised earlier) is not billed and
+    is counted in ``stats.incomplete_responses``, while a send of that very message that
+    fails (the client left just then) leaves the request billed: the endpoint did the work and
+    produced the whole response. A non-billable response settles (releases its reservations)
+    after its last message. Usage recorded after the request settled (a background task) is
+    billed at once if the request was billed. ``stats`` counts what was enqueued,
+    unattributed, rejected, invalid and incomplete.
 
     A billable request without a customer is never billed to anyone. With
     ``on_missing_customer="serve"`` (default) it is served, logged and counted in
@@ -287,6 +299,13 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    for key, value in headers:
+        if bytes(key).lower() == b"content-length":
+            return bytes(value).decode("latin-1")
+    return None
+
+
 class _HTTPCall:
     """The middleware's state for one HTTP request; never stored on the middleware."""
 
@@ -298,6 +317,10 @@ class _HTTPCall:
         self.completed = False
         self.rejected = False
         self.feature: str | None = None
+        # Body bytes still to send before the client has the whole response (Content-Length,
+        # 0 for HEAD/204/304), or None when only the final message ends it.
+        self.body_left: int | None = None
+        self.send_failed = False
         self.ctx = RequestContext(
             sink=middleware.sink,
             settings=middleware.settings,
@@ -349,6 +372,11 @@ class _HTTPCall:
             if self._must_reject():
                 await self._reject()
                 return
+            self.body_left = declared_body_length(
+                str(self.scope.get("method", "GET")),
+                self.ctx.status,
+                _content_length(message.get("headers", ())),
+            )
             if self.ctx.response_headers and self.mw.rules.billable_status(self.ctx.status):
                 # A guard's RateLimit headers, on responses that will use the reserved units.
                 message = dict(message)
@@ -356,11 +384,35 @@ class _HTTPCall:
                     *message.get("headers", ()),
                     *_encode(self.ctx.response_headers),
                 ]
-        await self._send(message)
-        if (
-            kind == "http.response.body" and not message.get("more_body", False)
-        ) or kind == "http.response.pathsend":
-            self._complete()
+        settle_after = False
+        if self._completes(kind, message) and not self.completed:
+            if self._billable():
+                # Settle (spool) before the message that lets the client have the whole
+                # response: a crash after this loses nothing; a send that fails now still bills.
+                self._complete(billable=True)
+            else:
+                settle_after = True  # releases reservations once the response is out
+        try:
+            await self._send(message)
+        except BaseException:
+            self.send_failed = True  # the client is gone: what follows is not billed
+            raise
+        if settle_after:
+            self._complete(billable=False)
+
+    def _completes(self, kind: str, message: Message) -> bool:
+        """Return True when forwarding ``message`` gives the client the whole response."""
+        if kind == "http.response.pathsend":
+            return True
+        if kind == "http.response.start":
+            return self.body_left == 0
+        if kind != "http.response.body":
+            return False
+        if self.body_left is not None:
+            self.body_left -= len(message.get("body", b""))
+            if self.body_left <= 0:
+                return True
+        return not message.get("more_body", False)
 
     async def _learn_customer(self) -> None:
         resolver = self.mw.customer
@@ -423,10 +475,12 @@ class _HTTPCall:
         )
         await self._send({"type": "http.response.body", "body": REJECTION_BODY})
 
-    def _complete(self) -> None:
+    def _billable(self) -> bool:
+        return not self.send_failed and self.mw.rules.billable_status(self.ctx.status)
+
+    def _complete(self, *, billable: bool) -> None:
         self.completed = True
         ctx = self.ctx
-        billable = self.mw.rules.billable_status(ctx.status)
         if billable and self.feature is not None:
             ctx.record(self.feature, 1, None)
         ctx.settle(billable=billable)

@@ -48,6 +48,7 @@ __all__ = [
     "RequestRefusedError",
     "commet_context",
     "current_customer",
+    "declared_body_length",
     "default_sink",
     "get_current_context",
     "set_customer",
@@ -579,6 +580,22 @@ class MeteringRules:
         except Exception:
             logger.exception("commet: bill_status hook failed for %s; not billed", status)
             return False
+
+
+def declared_body_length(method: str, status: int | None, content_length: str | None) -> int | None:
+    """Return how many body bytes complete a response, or None when only its end marker does.
+
+    0 for a response without a body by protocol (HEAD, 1xx, 204, 304: the client has it all
+    with the headers); the ``Content-Length`` when it is valid (the client has it all with the
+    last declared byte); None otherwise: a chunked or close-delimited body, which the server
+    ends only after the app's last message or chunk.
+    """
+    if method.upper() == "HEAD" or (status is not None and (status < 200 or status in (204, 304))):
+        return 0
+    if content_length is None:
+        return None
+    value = content_length.strip()
+    return int(value) if value.isdigit() else None
 
 
 def _lookup(table: Mapping[str, str], method: str, path: str, route: str | None) -> str | None:

@@ -21,6 +21,7 @@ from ._context import (
     RequestContext,
     RequestRefusedError,
     _current,
+    declared_body_length,
 )
 from ._keys import client_key_seed, new_request_id
 from ._quota import QuotaGate
@@ -44,8 +45,14 @@ class CommetWSGIMiddleware:
     Same options and rules as :class:`commet_middleware.CommetMiddleware`. Install it around
     Flask's ``wsgi_app`` (``app.wsgi_app = CommetWSGIMiddleware(app.wsgi_app, ...)``). A
     response is complete, and billed, when the server has consumed the whole body iterable;
-    one closed before that (client gone) is not billed. A ``wsgi.file_wrapper`` response is
-    handed back untouched and billed when the server closes it. Resolvers must be
+    one closed before that (client gone) is not billed. A billable response is settled
+    (usage spooled) before the client can have all of it: before its last chunk is handed to
+    the server when that chunk is known (a list body, or a declared ``Content-Length``), else
+    when the iterable is exhausted, which is before the server writes the end of a chunked
+    body; once settled, a failing write of the last chunk still bills. A
+    ``wsgi.file_wrapper`` response is handed back untouched (the server's sendfile path) and
+    billed when the server closes it, that is after the file was sent: on that path a crash
+    right after the send can lose the event. Resolvers must be
     sync here. There is no lifespan in WSGI: the queue starts on the first request and is
     flushed by :meth:`close` (call it at shutdown) or by the queue's own exit hook.
     ``@quota_guard`` refusals are answered here whether Flask propagates the guard's exception
@@ -142,6 +149,10 @@ class _WSGICall:
         self.started = False
         self.rejected = False
         self.feature: str | None = None
+        # Body bytes still to hand over before the client has the whole response
+        # (Content-Length, 0 for HEAD/204/304), or None when only the server's end marker,
+        # written after the iterable is exhausted, completes it.
+        self.body_left: int | None = None
         self.ctx = RequestContext(
             sink=middleware.sink,
             settings=middleware.settings,
@@ -212,6 +223,11 @@ class _WSGICall:
         if self._must_reject():
             self._reject(exc_info)
             return _discard
+        self.body_left = declared_body_length(
+            str(self.environ.get("REQUEST_METHOD", "GET")),
+            ctx.status,
+            next((value for name, value in headers if name.lower() == "content-length"), None),
+        )
         if ctx.response_headers and self.mw.rules.billable_status(ctx.status):
             # A guard's RateLimit headers, on responses that will use the reserved units.
             headers = [*headers, *ctx.response_headers]
@@ -285,6 +301,11 @@ class _WSGICall:
             ctx.record(self.feature, 1, None)
         ctx.settle(billable=billable)
 
+    def settle_before_last_chunk(self) -> None:
+        """Settle a billable response before its last chunk is handed to the server."""
+        if not self.rejected and self.mw.rules.billable_status(self.ctx.status):
+            self.finish(complete=True)
+
     def _hook_file_wrapper(self, result: object) -> bool:
         # Returning the server's own file wrapper keeps its sendfile fast path; billing then
         # happens when the server closes it, which it does after sending the file.
@@ -316,12 +337,29 @@ def _discard(data: bytes) -> None:
 
 
 class _BillingIterable:
-    """The body handed to the server: inner chunks in the request's context, then settle."""
+    """The body handed to the server: inner chunks in the request's context, then settle.
+
+    A billable response is settled (usage enqueued, so spooled) before the client can have
+    all of it, so a crash loses nothing. When the last chunk is known before it is handed
+    over, settling happens just before that: the last item of a list or tuple body, or the
+    chunk that completes the declared ``Content-Length`` (the first chunk of a HEAD, 204 or
+    304). Otherwise the body is chunked or close-delimited, and its end can only be written
+    once the server has pulled ``StopIteration`` from here: gunicorn (sync and gthread)
+    writes each chunk as it pulls it, then the terminating empty chunk in ``resp.close()``,
+    then calls our ``close()``; waitress, werkzeug and wsgiref do the same, and an HTTP/1.0
+    body ends when the connection closes, later still. This object has no ``len()``, so no
+    server derives a ``Content-Length`` of its own from it. Settling on ``StopIteration`` is
+    therefore still before the client has the whole response, without reading a chunk ahead:
+    a one-chunk lookahead would hold every streamed chunk (server-sent events) back until the
+    app produced the next one, and gain nothing.
+    """
 
     def __init__(self, call: _WSGICall, inner: Iterable[bytes]) -> None:
         self._call = call
         self._inner = inner
         self._iterator: Iterator[bytes] | None = None
+        # A list or tuple says which chunk is the last one; other iterables only say so late.
+        self._chunks_left = len(inner) if isinstance(inner, (list, tuple)) else None
         self._exhausted = False
         self._failed = False
         self._closed = False
@@ -339,9 +377,10 @@ class _BillingIterable:
                 self._iterator = call.context.run(iter, self._inner)
             chunk = call.context.run(next, self._iterator)
         except StopIteration:
-            # The whole body is in the server's hands: the response is complete. Settling here
-            # rather than in close() also bills under clients that never close (werkzeug's
-            # test client unless buffered); close() still runs the inner close exactly once.
+            # The whole body is in the server's hands and it has not yet written the end of a
+            # chunked or close-delimited body: the response is complete. Settling here rather
+            # than in close() also bills under clients that never close (werkzeug's test
+            # client unless buffered); close() still runs the inner close exactly once.
             self._exhausted = True
             call.finish(complete=True)
             raise
@@ -358,7 +397,21 @@ class _BillingIterable:
             raise
         if call.rejected:  # start_response in this very chunk decided to reject
             return self._next_rejection_chunk()
+        if self._is_last(chunk):
+            call.settle_before_last_chunk()
         return chunk
+
+    def _is_last(self, chunk: bytes) -> bool:
+        """Return True when the client has the whole response once ``chunk`` is written."""
+        last = False
+        if self._chunks_left is not None:
+            self._chunks_left -= 1
+            last = self._chunks_left <= 0
+        call = self._call
+        if call.body_left is not None:
+            call.body_left -= len(chunk)
+            last = last or call.body_left <= 0
+        return last
 
     def _next_rejection_chunk(self) -> bytes:
         if self._rejection_sent:

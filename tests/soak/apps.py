@@ -2,8 +2,7 @@
 
 Configured from the environment: ``COMMET_BASE_URL``, ``COMMET_API_KEY``, ``COMMET_SPOOL`` as
 usual, plus ``SOAK_SHUTDOWN_TIMEOUT`` (seconds, default 10), ``SOAK_QUEUE_LIMIT`` (default
-10000), ``SOAK_MAX_CONCURRENCY`` (default 8) and ``SOAK_HOLD_LAST_CHUNK`` (see
-:class:`HoldLastChunk`). The customer comes from ``x-customer``; event
+10000) and ``SOAK_MAX_CONCURRENCY`` (default 8). The customer comes from ``x-customer``; event
 keys come from the client's ``Idempotency-Key``, so the load generator knows every key.
 
     uvicorn --app-dir tests/soak apps:asgi_app
@@ -68,40 +67,7 @@ def build_asgi_app() -> Any:
         idempotency_header=IDEMPOTENCY_HEADER,
         settings=settings(),
     )
-    if os.environ.get("SOAK_HOLD_LAST_CHUNK") == "1":
-        app.add_middleware(HoldLastChunk)  # added last: outside CommetMiddleware
     return app
-
-
-class HoldLastChunk:
-    """Forwards a response's last body chunk only after the inner app returned.
-
-    ``CommetMiddleware`` enqueues (spools) the usage right *after* forwarding the last chunk, so
-    a SIGKILL in between loses the event of a response the client did get. Outside it, this
-    holds that chunk until the enqueue is done: the soak runs with and without it to show the
-    window (``SOAK_HOLD_LAST_CHUNK=1``).
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        held: list[Any] = []
-
-        async def hold_last(message: Any) -> None:
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                held.append(message)
-                return
-            await send(message)
-
-        try:
-            await self.app(scope, receive, hold_last)
-        finally:
-            for message in held:
-                await send(message)
 
 
 def build_wsgi_app() -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -128,7 +129,7 @@ def test_exception_in_the_app_is_not_billed_and_propagates(sink: ListSink) -> No
 
 
 def test_streaming_is_billed_only_when_the_last_chunk_is_sent(sink: ListSink) -> None:
-    """A streamed response is billed once, after more_body=False has been forwarded."""
+    """A streamed response is billed once, at its more_body=False message, not mid-stream."""
     seen_during_stream: list[int] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -159,6 +160,140 @@ def test_client_disconnect_mid_stream_is_not_billed(sink: ListSink) -> None:
     run(mw, http_scope(headers={"X-Customer": "cus_1"}))
     assert sink.events == []
     assert mw.stats.incomplete_responses == 1
+
+
+async def drive_recording(
+    app: App, scope: dict[str, Any], sink: ListSink, *, fail_on: int | None = None
+) -> list[tuple[str, bool, int]]:
+    """Run one ASGI call; return (type, more_body, events already enqueued) per message sent.
+
+    ``fail_on`` makes the server's send raise (client gone) on that message index.
+    """
+    seen: list[tuple[str, bool, int]] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        seen.append((message["type"], bool(message.get("more_body")), len(sink.events)))
+        if fail_on is not None and len(seen) - 1 == fail_on:
+            raise OSError("client went away")
+
+    await app(scope, receive, send)
+    return seen
+
+
+def test_event_is_enqueued_before_the_final_body_reaches_the_server(sink: ListSink) -> None:
+    """The server's send already finds the event in the sink when more_body=False arrives."""
+    mw = customer_mw(responder(chunks=(b"a", b"b", b"c"), before=lambda: track("api")), sink)
+    seen = asyncio.run(drive_recording(mw, http_scope(headers={"X-Customer": "cus_1"}), sink))
+    assert seen == [
+        ("http.response.start", False, 0),
+        ("http.response.body", True, 0),
+        ("http.response.body", True, 0),
+        ("http.response.body", False, 1),
+    ]
+    assert mw.stats.events_enqueued == 1
+
+
+def test_zero_code_event_is_enqueued_before_the_final_body(sink: ListSink) -> None:
+    """The meter= event is also in the sink before the final body message is forwarded."""
+    mw = customer_mw(responder(), sink, meter="api_calls")
+    seen = asyncio.run(drive_recording(mw, http_scope(headers={"X-Customer": "cus_1"}), sink))
+    assert seen[-1] == ("http.response.body", False, 1)
+    assert [e.feature for e in sink.events] == ["api_calls"]
+
+
+def test_failing_final_send_still_bills(sink: ListSink) -> None:
+    """A client that leaves on the very last send is billed: the whole response was produced."""
+    mw = customer_mw(responder(chunks=(b"a", b"b"), before=lambda: track("api")), sink)
+    with pytest.raises(OSError, match="client went away"):
+        asyncio.run(
+            drive_recording(mw, http_scope(headers={"X-Customer": "cus_1"}), sink, fail_on=2)
+        )
+    assert [e.feature for e in sink.events] == ["api"]
+    assert mw.stats.incomplete_responses == 0
+
+
+def test_failing_send_before_the_last_chunk_is_not_billed(sink: ListSink) -> None:
+    """A client that leaves before the last chunk is not billed, even if the app sends on."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        track("api")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await send({"type": "http.response.body", "body": b"b", "more_body": False})
+
+    mw = customer_mw(app, sink)
+    seen = asyncio.run(
+        drive_recording(mw, http_scope(headers={"X-Customer": "cus_1"}), sink, fail_on=1)
+    )
+    assert [kind for kind, _, _ in seen] == ["http.response.start", *["http.response.body"] * 2]
+    assert sink.events == []
+
+
+def test_declared_length_bills_before_the_chunk_that_completes_it(sink: ListSink) -> None:
+    """With Content-Length, the event precedes the chunk carrying the last byte, not the end."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        track("downloads")
+        headers = [(b"content-length", b"4")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ab", "more_body": True})
+        await send({"type": "http.response.body", "body": b"cd", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    mw = customer_mw(app, sink)
+    seen = asyncio.run(drive_recording(mw, http_scope(headers={"X-Customer": "cus_1"}), sink))
+    assert [count for _, _, count in seen] == [0, 0, 1, 1]
+    assert len(sink.events) == 1
+
+
+@pytest.mark.parametrize(("method", "status"), [("HEAD", 200), ("GET", 204), ("GET", 304)])
+def test_bodyless_response_bills_before_its_start(sink: ListSink, method: str, status: int) -> None:
+    """HEAD, 204 and 304 are whole with their headers: the event precedes the response start."""
+    mw = customer_mw(responder(status, chunks=(b"",), before=lambda: track("api")), sink)
+    scope = http_scope(method=method, headers={"X-Customer": "cus_1"})
+    seen = asyncio.run(drive_recording(mw, scope, sink))
+    assert seen == [("http.response.start", False, 1), ("http.response.body", False, 1)]
+    assert len(sink.events) == 1
+
+
+def test_pathsend_bills_before_forwarding(sink: ListSink) -> None:
+    """An http.response.pathsend response is settled before the server is told to send the file."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        track("downloads")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.pathsend", "path": "/dev/null"})
+
+    mw = customer_mw(app, sink)
+    seen = asyncio.run(drive_recording(mw, http_scope(headers={"X-Customer": "cus_1"}), sink))
+    assert seen[-1] == ("http.response.pathsend", False, 1)
+
+
+def test_non_billable_final_send_failure_bills_nothing(sink: ListSink) -> None:
+    """A 500 whose last send fails is settled unbilled, as before."""
+    mw = customer_mw(responder(500, before=lambda: track("api")), sink)
+    with pytest.raises(OSError, match="client went away"):
+        asyncio.run(
+            drive_recording(mw, http_scope(headers={"X-Customer": "cus_1"}), sink, fail_on=1)
+        )
+    assert sink.events == []
+
+
+def test_a_second_final_body_does_not_bill_twice(sink: ListSink) -> None:
+    """Completion happens once: a stray extra final message adds no zero-code event."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a"})
+        await send({"type": "http.response.body", "body": b""})
+
+    mw = customer_mw(app, sink, meter="api_calls")
+    asyncio.run(drive_recording(mw, http_scope(headers={"X-Customer": "cus_1"}), sink))
+    assert len(sink.events) == 1
 
 
 def test_messages_are_forwarded_immediately(sink: ListSink) -> None:

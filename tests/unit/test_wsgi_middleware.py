@@ -192,6 +192,107 @@ def test_body_not_fully_consumed_is_not_billed(sink: ListSink) -> None:
     assert mw.stats.incomplete_responses == 1
 
 
+class RecordingServer(Server):
+    """A server that notes, for each chunk it pulls and for the end, how many events exist."""
+
+    def __init__(self, sink: ListSink) -> None:
+        super().__init__()
+        self.sink = sink
+        self.seen: list[tuple[bytes | None, int]] = []
+
+    def run(self, app: Any, env: dict[str, Any], *, consume: bool = True) -> bytes:
+        result = app(env, self.start_response)
+        try:
+            for chunk in result:
+                self.seen.append((chunk, len(self.sink.events)))
+            self.seen.append((None, len(self.sink.events)))  # StopIteration, before close()
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        return b"".join(chunk for chunk, _ in self.seen if chunk is not None)
+
+
+def generator_app(
+    chunks: tuple[bytes, ...], headers: list[tuple[str, str]], status: str = "200 OK"
+) -> Callable[[dict[str, Any], StartResponse], Iterator[bytes]]:
+    def app(env: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        track("api_calls")
+        start_response(status, headers)
+        yield from chunks
+
+    return app
+
+
+def test_list_body_is_billed_before_its_last_chunk_is_yielded(sink: ListSink) -> None:
+    """For a list body the sink already has the event when the server gets the last chunk."""
+    server = RecordingServer(sink)
+    app = app_with(chunks=(b"a", b"b", b"c"), before=lambda: track("api_calls"))
+    assert server.run(mw_for(app, sink), environ(headers={"X-Customer": "cus_1"})) == b"abc"
+    assert server.seen == [(b"a", 0), (b"b", 0), (b"c", 1), (None, 1)]
+
+
+def test_generator_with_content_length_is_billed_before_its_last_chunk(sink: ListSink) -> None:
+    """A generator body with Content-Length is billed before the chunk that completes it."""
+    server = RecordingServer(sink)
+    app = generator_app((b"ab", b"cd"), [("Content-Length", "4")])
+    assert server.run(mw_for(app, sink), environ(headers={"X-Customer": "cus_1"})) == b"abcd"
+    assert server.seen == [(b"ab", 0), (b"cd", 1), (None, 1)]
+
+
+def test_generator_without_length_is_billed_on_exhaustion_before_close(sink: ListSink) -> None:
+    """A chunked generator body is billed when exhausted, before the server ends the body."""
+    server = RecordingServer(sink)
+    app = generator_app((b"a", b"b"), [])
+    assert server.run(mw_for(app, sink), environ(headers={"X-Customer": "cus_1"})) == b"ab"
+    assert server.seen == [(b"a", 0), (b"b", 0), (None, 1)]
+
+
+def test_flask_style_closing_iterator_is_billed_before_its_last_chunk(sink: ListSink) -> None:
+    """A werkzeug response (a ClosingIterator with Content-Length) is billed before its chunk."""
+    from werkzeug.wrappers import Response
+
+    def app(env: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        track("api_calls")
+        return Response(b'{"ok":true}', mimetype="application/json")(env, start_response)
+
+    server = RecordingServer(sink)
+    assert server.run(mw_for(app, sink), environ(headers={"X-Customer": "cus_1"})) == b'{"ok":true}'
+    assert server.seen == [(b'{"ok":true}', 1), (None, 1)]
+
+
+def test_head_response_is_billed_before_its_first_chunk(sink: ListSink) -> None:
+    """A HEAD response is whole with its headers, which go out with the first chunk."""
+    server = RecordingServer(sink)
+    app = generator_app((b"a", b"b"), [])
+    server.run(mw_for(app, sink), environ(method="HEAD", headers={"X-Customer": "cus_1"}))
+    assert server.seen == [(b"a", 1), (b"b", 1), (None, 1)]
+
+
+def test_last_chunk_that_fails_to_write_is_still_billed(sink: ListSink) -> None:
+    """Settled before the last chunk, a response whose last write fails (client gone) is billed."""
+    app = app_with(chunks=(b"a", b"b"), before=lambda: track("api_calls"))
+    mw = mw_for(app, sink)
+    result = mw(environ(headers={"X-Customer": "cus_1"}), Server().start_response)
+    chunks = iter(result)
+    assert next(chunks) == b"a"
+    assert next(chunks) == b"b"  # the server's write of it fails: it closes without going on
+    result.close()  # type: ignore[attr-defined]
+    assert len(sink.events) == 1
+    assert mw.stats.incomplete_responses == 0
+
+
+def test_error_status_is_not_settled_before_the_last_chunk(sink: ListSink) -> None:
+    """A 500 list body bills nothing, and is settled at the end as before."""
+    server = RecordingServer(sink)
+    app = app_with("500 Internal Server Error", (b"a", b"b"), before=lambda: track("api_calls"))
+    mw = mw_for(app, sink)
+    server.run(mw, environ(headers={"X-Customer": "cus_1"}))
+    assert server.seen == [(b"a", 0), (b"b", 0), (None, 0)]
+    assert sink.events == []
+    assert mw.stats.incomplete_responses == 0
+
+
 def test_generator_app_runs_in_the_request_context(sink: ListSink) -> None:
     """A lazy body still sees the request: usage recorded while streaming is billed at the end."""
 

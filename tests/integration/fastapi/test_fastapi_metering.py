@@ -375,3 +375,51 @@ def _find_middleware(app: FastAPI) -> CommetMiddleware:
         node = getattr(node, "app", None)
     assert isinstance(node, CommetMiddleware)
     return node
+
+
+async def _drive_recording(
+    app: Any, path: str, query: bytes, sink: ListSink, *, fail_final: bool = False
+) -> list[tuple[str, bool, int]]:
+    """Call ``app`` as a server would; note (type, more_body, events enqueued) at each send."""
+    seen: list[tuple[str, bool, int]] = []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": query,
+        "headers": [(b"x-customer-id", b"cus_1")],
+        "server": ("test", 80),
+        "client": ("test", 1234),
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        more = bool(message.get("more_body"))
+        seen.append((message["type"], more, len(sink.events)))
+        if fail_final and message["type"] == "http.response.body" and not more:
+            raise OSError("client went away")
+
+    await app(scope, receive, send)
+    return seen
+
+
+def test_event_is_enqueued_before_the_last_body_message(sink: ListSink, is_async: bool) -> None:
+    """A FastAPI JSON response's event is in the sink before its body reaches the server."""
+    app = build_app(sink, is_async=is_async)
+    seen = asyncio.run(_drive_recording(app, "/search", b"q=x", sink))
+    assert seen == [("http.response.start", False, 0), ("http.response.body", False, 1)]
+
+
+def test_client_gone_on_the_last_send_is_still_billed(sink: ListSink, is_async: bool) -> None:
+    """A send of the last body message that fails leaves the request billed, once."""
+    app = build_app(sink, is_async=is_async)
+    with pytest.raises(OSError, match="client went away"):
+        asyncio.run(_drive_recording(app, "/search", b"q=x", sink, fail_final=True))
+    assert [e.feature for e in sink.events] == ["api_calls"]

@@ -186,3 +186,16 @@ def test_missing_customer_serve_and_reject(sink: ListSink) -> None:
         assert response.json is not None
         assert response.json["error"]["code"] == "customer_required"
     assert sink.events == []
+
+
+def test_event_is_enqueued_before_the_last_chunk_is_yielded(sink: ListSink) -> None:
+    """A Flask JSON response's event is in the sink when the server pulls its last chunk."""
+    from werkzeug.test import EnvironBuilder
+
+    app, _ = build(sink)
+    environ = EnvironBuilder("/search", query_string="q=x", headers=CUSTOMER).get_environ()
+    result = app.wsgi_app(environ, lambda status, headers, exc_info=None: None)
+    seen = [(chunk, len(sink.events)) for chunk in result]
+    result.close()  # type: ignore[attr-defined]
+    assert [count for _, count in seen] == [1]
+    assert [e.feature for e in sink.events] == ["api_calls"]

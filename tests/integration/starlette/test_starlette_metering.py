@@ -263,3 +263,49 @@ def test_customer_from_authentication_middleware(sink: ListSink) -> None:
         assert client.get("/me", headers={"Authorization": "5"}).text == "cus_5"
         assert client.get("/me").status_code == 200  # anonymous: served, billed to nobody
     assert [e.customer_id for e in sink.events] == ["cus_5"]
+
+
+def test_file_response_is_billed_before_its_last_byte(sink: ListSink, tmp_path: Any) -> None:
+    """A FileResponse whose last bytes go out with more_body=True is billed before that chunk."""
+    from starlette.responses import FileResponse
+
+    path = tmp_path / "exact.bin"
+    path.write_bytes(b"x" * FileResponse.chunk_size)  # the final message is then an empty one
+
+    @metered("downloads")
+    async def download(request: Request) -> Response:
+        return FileResponse(path)
+
+    app = Starlette(
+        routes=[Route("/file", download)],
+        middleware=[Middleware(CommetMiddleware, customer=from_header("X-Customer-ID"), sink=sink)],
+    )
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/file",
+        "raw_path": b"/file",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"x-customer-id", b"cus_1")],
+        "server": ("test", 80),
+        "client": ("test", 1234),
+    }
+    seen: list[tuple[int, bool, int]] = []
+    requested: list[bool] = []
+
+    async def receive() -> Message:
+        if requested:
+            await asyncio.Event().wait()  # the client stays until the response is sent
+        requested.append(True)
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            seen.append((len(message["body"]), message["more_body"], len(sink.events)))
+
+    asyncio.run(app(scope, receive, send))
+    assert seen == [(FileResponse.chunk_size, True, 1), (0, False, 1)]
