@@ -21,6 +21,17 @@ Delivery is at least once on the wire and exactly once in effect: each operation
 once and the same bytes, carrying the same idempotency key, are re-sent on every retry, so Commet
 deduplicates. A 409 ``duplicate`` counts as delivered.
 
+Order: usage events go out concurrently (their totals add up in any order), but the quota
+changes of one (customer, feature) go out one at a time, in enqueue order: a release that
+overtook its add, or an add that overtook the release before it, would meet a hard ceiling
+(``included_limit_reached``, final) or an empty balance (``insufficient_balance``). The first
+change of a key taken holds the key's turn until it is finished (delivered or given up),
+retries included; a later one taken meanwhile is parked in a per-key deque and put at the head
+of the queue when the turn passes to it. Parked changes count as pending; ``close`` hands them
+back like the rest. Spooled rows are claimed oldest first, and once a quota change has spilled
+to the spool, later ones spill too until the sender has claimed the backlog, so none can pass
+it in memory.
+
 Retries: a retryable failure (transport errors, 408, 429, 5xx, ``idempotency_in_progress``) is
 queued again after ``retry_delay``: ``settings.backoff_base`` doubling per attempt up to
 ``BACKOFF_CAP``, with equal jitter (a random point in the upper half of that step), and never
@@ -72,7 +83,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar, cast
 
 from ._errors import CommetAPIError, CommetError
-from ._models import Operation, UsageEvent
+from ._models import Operation, QuotaChange, UsageEvent
 from ._settings import CommetSettings, Dialect
 from ._spool import Spool, SpoolRow
 
@@ -392,6 +403,16 @@ class DeliveryQueue:
         self._dropped = 0
         self._spilled = 0
         self._spill_warned = False
+        # Per-key order of quota changes (see the module docstring): the change holding each
+        # busy key's turn, and the later ones parked behind it.
+        self._quota_turns: dict[tuple[str, str], _Item] = {}
+        self._quota_parked: dict[tuple[str, str], deque[_Item]] = {}
+        # While a quota change spilled to the spool is unclaimed, later ones spill too. A claim
+        # that finds the spool drained clears it only if no spill began or was still being
+        # written since just before it (``_spill_seq``, ``_spills_writing``).
+        self._quota_spilling = False
+        self._spill_seq = 0
+        self._spills_writing = 0
         # Set from before a fork until after it, in the parent: _start_lock is held meanwhile.
         self._held_for_fork = False
         self._stopped_for_fork = False
@@ -431,11 +452,16 @@ class DeliveryQueue:
             logger.exception("commet: could not enqueue %s; the request is unaffected", operation)
 
     def _enqueue_spooled(self, item: _Item, spool: Spool) -> None:
+        quota = isinstance(item.operation, QuotaChange)
         with self._lock:
-            room = self._pending < self._limit
+            room = self._pending < self._limit and not (quota and self._quota_spilling)
             if room:  # reserve the place now; flush waits for it from here on
                 self._pending += 1
                 self._queued += 1
+            elif quota:
+                self._quota_spilling = True
+                self._spill_seq += 1
+                self._spills_writing += 1
         try:
             item.body = self._encoder(item.operation, self.settings.dialect)
         except Exception:
@@ -450,15 +476,23 @@ class DeliveryQueue:
                 _describe(item.operation),
             )
             if not room:
+                if quota:
+                    with self._lock:
+                        self._spills_writing -= 1
                 self._overflow(item)
                 return
         if not room:
             with self._lock:
+                if quota:
+                    self._spills_writing -= 1
                 self._queued += 1
                 self._spilled += 1
-                warn = not self._spill_warned
-                self._spill_warned = True
+                # Only a full queue warns; a quota change behind a spilled one is no news.
+                warn = not self._spill_warned and self._pending >= self._limit
+                self._spill_warned |= warn
                 sender = self._sender
+                wake = self._idle
+                self._idle = False
             if warn:
                 logger.warning(
                     "commet: delivery queue full (limit %d); spilling operations to the spool %s",
@@ -467,6 +501,8 @@ class DeliveryQueue:
                 )
             if sender is None or not sender.alive():
                 self._ensure_sender()
+            elif wake:
+                self._poke(sender)
             return
         with self._lock:
             self._queue.append(item)
@@ -759,11 +795,15 @@ class DeliveryQueue:
             if sender.retired or sender.stop_requested or self._sender is not sender:
                 return None
             queue = self._queue
-            if not queue:
+            batch: list[_Item] = []
+            while queue and len(batch) < limit:
+                item = queue.popleft()
+                if self._take_turn(item):
+                    batch.append(item)
+            if not batch:
                 # Idle before any spool claim, too: an enqueue from now on pokes the sender.
                 self._idle = True
                 return []
-            batch = [queue.popleft() for _ in range(min(limit, len(queue)))]
             sender.owned.update(batch)
             sender.in_flight += len(batch)
             return batch
@@ -773,18 +813,27 @@ class DeliveryQueue:
         # nothing pending and then no claimable row cannot miss rows claimed in between.
         with self._lock:
             self._pending += room
+            spill_seq = self._spill_seq
+            spills_settled = self._spills_writing == 0
         rows: list[SpoolRow] = []
+        claimed = False
         try:
             rows = spool.claim(room)
+            claimed = True
         except Exception:
             logger.exception("commet: could not read the spool %s", spool.path)
         items = [_Item.from_row(row) for row in rows]
+        batch: list[_Item] = []
         with self._lock:
             stale = sender.retired or sender.stop_requested or self._sender is not sender
             self._pending -= room if stale else room - len(items)
             if not stale:
-                sender.owned.update(items)
-                sender.in_flight += len(items)
+                if claimed and len(rows) < room and spills_settled and self._spill_seq == spill_seq:
+                    # Every quota change spilled so far is claimed now (rows come oldest first).
+                    self._quota_spilling = False
+                batch = [item for item in items if self._take_turn(item)]
+                sender.owned.update(batch)
+                sender.in_flight += len(batch)
                 if items:
                     self._idle = False
             self._cond.notify_all()
@@ -792,7 +841,53 @@ class DeliveryQueue:
             with contextlib.suppress(Exception):
                 spool.release([item.row_id for item in items if item.row_id is not None])
             return None
-        return items
+        return batch
+
+    def _take_turn(self, item: _Item) -> bool:
+        """(Lock held.) True if ``item`` may be sent now, else park it behind its key's turn."""
+        operation = item.operation
+        if not isinstance(operation, QuotaChange):
+            return True
+        key = (operation.customer_id, operation.feature)
+        holder = self._quota_turns.get(key)
+        if holder is None:
+            self._quota_turns[key] = item
+            return True
+        if holder is item:  # back from a retry or a sender restart, or just given the turn
+            return True
+        parked = self._quota_parked.get(key)
+        if parked is None:
+            parked = self._quota_parked[key] = deque()
+        parked.append(item)
+        return False
+
+    def _pass_turn(self, item: _Item) -> bool:
+        """(Lock held.) ``item`` is finished: queue the next change of its key; True if any."""
+        operation = item.operation
+        if not isinstance(operation, QuotaChange):
+            return False
+        key = (operation.customer_id, operation.feature)
+        if self._quota_turns.get(key) is not item:
+            return False
+        parked = self._quota_parked.get(key)
+        if not parked:
+            del self._quota_turns[key]
+            return False
+        successor = parked.popleft()
+        if not parked:
+            del self._quota_parked[key]
+        self._quota_turns[key] = successor
+        # At the head: it was taken before anything now queued.
+        self._queue.appendleft(successor)
+        self._idle = False
+        return True
+
+    def _unpark_all(self) -> list[_Item]:
+        """(Lock held.) Forget every turn; return the parked changes, oldest first per key."""
+        parked = [item for items in self._quota_parked.values() for item in items]
+        self._quota_parked.clear()
+        self._quota_turns.clear()
+        return parked
 
     async def _deliver(self, sender: _Sender, client: OperationSender, item: _Item) -> None:
         try:
@@ -917,6 +1012,8 @@ class DeliveryQueue:
                     self._duplicates += 1
             else:
                 self._dead_lettered += 1
+            if self._pass_turn(item):
+                sender.wakeup.set()  # we run on the sender's loop
         if failure is not None:
             logger.error(
                 "commet: giving up on %s: %s",
@@ -1050,6 +1147,7 @@ class DeliveryQueue:
                 leftovers = self._retire(sender, requeue=False) if sender else []
                 leftovers.extend(self._queue)
                 self._queue.clear()
+                leftovers.extend(self._unpark_all())
                 self._pending -= len(leftovers)
                 leftovers = self._keep_spooled(leftovers)
                 self._dead_lettered += len(leftovers)
@@ -1077,6 +1175,7 @@ class DeliveryQueue:
                 leftovers = self._retire(sender, requeue=False) if sender else []
                 leftovers.extend(self._queue)
                 self._queue.clear()
+                leftovers.extend(self._unpark_all())
                 self._pending -= len(leftovers)
                 leftovers = self._keep_spooled(leftovers)
                 self._dead_lettered += len(leftovers)
