@@ -1,0 +1,209 @@
+"""The benchmarked apps: one hello-world JSON endpoint per framework, and the case table.
+
+The server imports ``asgi_app`` (uvicorn) or ``wsgi_app`` (gunicorn) from here; which framework
+and case it builds comes from the environment the runner sets:
+
+    BENCH_FRAMEWORK  starlette | fastapi | flask
+    BENCH_CASE       a key of CASES
+    BENCH_SINK_URL   http://127.0.0.1:PORT, where every vendor URL points
+
+Adding a case (``quota_guard_warm``, ``spool_on``...) is one entry in ``CASES``: how to install
+it on the framework's app, an optional decorator for the endpoint, and whether each request
+must deliver one Commet event (the runner then checks that every one arrived).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from commet_middleware import CommetMiddleware, CommetWSGIMiddleware, metered
+from commet_middleware.customers import from_header
+
+FRAMEWORKS = ("starlette", "fastapi", "flask")
+ASGI_FRAMEWORKS = frozenset({"starlette", "fastapi"})
+FEATURE = "api_calls"
+CUSTOMER = "bench_customer"
+CUSTOMER_HEADER = "X-Customer-Id"
+PATH = "/hello"
+# Valid formats for the peers; never real credentials.
+APITALLY_TOKEN = "apt_" + "b" * 24
+MOESIF_APP_ID = "bench-application-id"
+
+Endpoint = Callable[..., Any]
+Decorator = Callable[[Endpoint], Endpoint]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked configuration of an app.
+
+    ``install(app, framework, sink_url)`` adds the middleware (or SDK) to the framework's app
+    object; ``decorate`` wraps the endpoint; ``commet_events`` says each 2xx response must
+    deliver exactly one Commet usage event to the sink.
+    """
+
+    install: Callable[[Any, str, str], None] | None = None
+    decorate: Decorator | None = None
+    commet_events: bool = False
+    # A peer SDK that might not be installed: the runner skips the case when it is missing.
+    requires: str | None = None
+
+
+def add_middleware(app: Any, framework: str, asgi: type, wsgi: type, **options: Any) -> None:
+    """Install a middleware class the idiomatic way for ``framework``."""
+    if framework in ASGI_FRAMEWORKS:
+        app.add_middleware(asgi, **options)
+    else:
+        app.wsgi_app = wsgi(app.wsgi_app, **options)
+
+
+def commet_options(sink_url: str, **extra: Any) -> dict[str, Any]:
+    """Keyword arguments of our middlewares for the benchmark: customer from a header, the sink."""
+    return {
+        "customer": from_header(CUSTOMER_HEADER),
+        "api_key": "ck_bench",
+        "base_url": sink_url,
+        **extra,
+    }
+
+
+class PassthroughASGI:
+    """The floor: a pure ASGI middleware that only forwards the call."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+class PassthroughWSGI:
+    """The floor: a WSGI middleware that only forwards the call."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        return self.app(environ, start_response)
+
+
+def _passthrough(app: Any, framework: str, sink_url: str) -> None:
+    add_middleware(app, framework, PassthroughASGI, PassthroughWSGI)
+
+
+def _zero_code(app: Any, framework: str, sink_url: str) -> None:
+    add_middleware(
+        app,
+        framework,
+        CommetMiddleware,
+        CommetWSGIMiddleware,
+        **commet_options(sink_url, meter=FEATURE),
+    )
+
+
+def _metered_middleware(app: Any, framework: str, sink_url: str) -> None:
+    add_middleware(
+        app, framework, CommetMiddleware, CommetWSGIMiddleware, **commet_options(sink_url)
+    )
+
+
+def _apitally(app: Any, framework: str, sink_url: str) -> None:
+    import importlib
+
+    # apitally 1.x exports OTLP; otlp_endpoint (or APITALLY_OTLP_ENDPOINT) is its base URL.
+    module = importlib.import_module(f"apitally.{framework}")
+    module.init(app, write_token=APITALLY_TOKEN, env="bench", otlp_endpoint=sink_url)
+
+
+def _moesif(app: Any, framework: str, sink_url: str) -> None:
+    # Both SDKs read the API base URL from the BASE_URI setting (default https://api.moesif.net).
+    settings = {"APPLICATION_ID": MOESIF_APP_ID, "BASE_URI": sink_url, "LOG_BODY": False}
+    if framework in ASGI_FRAMEWORKS:
+        from moesifasgi import MoesifMiddleware as MoesifASGI
+
+        app.add_middleware(MoesifASGI, settings=settings)
+    else:
+        from moesifwsgi import MoesifMiddleware as MoesifWSGI
+
+        app.wsgi_app = MoesifWSGI(app.wsgi_app, settings)
+
+
+CASES: dict[str, Case] = {
+    "bare": Case(),
+    "passthrough": Case(install=_passthrough),
+    "zero_code": Case(install=_zero_code, commet_events=True),
+    "metered": Case(install=_metered_middleware, decorate=metered(FEATURE), commet_events=True),
+    "apitally": Case(install=_apitally, requires="apitally"),
+    "moesif": Case(install=_moesif, requires="moesifasgi"),
+    # The lead adds "quota_guard_warm" and "spool_on" here.
+}
+
+
+def _endpoint_starlette(case: Case) -> Any:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def hello(request: Any) -> JSONResponse:
+        return JSONResponse({"message": "hello"})
+
+    endpoint = case.decorate(hello) if case.decorate else hello
+    return Starlette(routes=[Route(PATH, endpoint)])
+
+
+def _endpoint_fastapi(case: Case) -> Any:
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    async def hello() -> dict[str, str]:
+        return {"message": "hello"}
+
+    app.get(PATH)(case.decorate(hello) if case.decorate else hello)
+    return app
+
+
+def _endpoint_flask(case: Case) -> Any:
+    from flask import Flask
+
+    app = Flask("bench")
+
+    def hello() -> dict[str, str]:
+        return {"message": "hello"}
+
+    app.get(PATH)(case.decorate(hello) if case.decorate else hello)
+    return app
+
+
+def build(framework: str, case_name: str, sink_url: str) -> Any:
+    """Return the framework's app object with ``case_name`` installed."""
+    builders = {
+        "starlette": _endpoint_starlette,
+        "fastapi": _endpoint_fastapi,
+        "flask": _endpoint_flask,
+    }
+    case = CASES[case_name]
+    app = builders[framework](case)
+    if case.install is not None:
+        case.install(app, framework, sink_url)
+    return app
+
+
+def _from_env() -> Any:
+    return build(
+        os.environ.get("BENCH_FRAMEWORK", "starlette"),
+        os.environ.get("BENCH_CASE", "bare"),
+        os.environ.get("BENCH_SINK_URL", "http://127.0.0.1:9"),
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first access, so the runner can import CASES without building an app.
+    if name in ("asgi_app", "wsgi_app"):
+        app = _from_env()
+        globals()[name] = app
+        return app
+    raise AttributeError(name)
