@@ -56,6 +56,12 @@ just as loudly.
 Events still undelivered when ``close`` times out are reported the same way (reason
 ``"shutdown"``, counted in ``dead_lettered``).
 
+Aggregation (``settings.aggregate_window``, off by default): usage events of one (customer,
+feature, properties) enqueued within a window are held (counted in ``pending``, spooled as usual)
+and summed into one event when the window is sealed, by the sender (a timer in its loop) or at once
+by ``flush``, ``close`` or ``seal_now``; see ``_aggregate`` for what an aggregate is and the
+trade-off. ``close`` hands back the members of groups it could not seal and send, one by one.
+
 Fork: a thread that holds a lock when the process forks holds it forever in the child (an import
 lock, OpenSSL's locks while it builds an SSL context). So the HTTP stack is imported up front by
 the thread that creates the queue or starts its sender, never by a sender thread, and before any
@@ -82,15 +88,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar, cast
 
+from ._aggregate import Aggregator, aggregate_events
 from ._errors import CommetAPIError, CommetError
 from ._models import Operation, QuotaChange, UsageEvent
 from ._settings import CommetSettings, Dialect
-from ._spool import Spool, SpoolRow
+from ._spool import Spool, SpoolRow, SpoolSealError
 
 __all__ = [
     "BACKOFF_CAP",
     "MAX_CLIENT_ATTEMPTS",
     "MAX_UNEXPECTED_ATTEMPTS",
+    "AggregationStats",
     "DeliveryListener",
     "DeliveryQueue",
     "DeliveryStats",
@@ -156,7 +164,8 @@ class DeliveryStats:
 
     ``sent`` counts every operation Commet accepted, duplicates included; ``duplicates`` is the
     part of it Commet had already recorded. ``pending`` is everything accepted and not yet
-    finished: waiting, in flight, or waiting to retry.
+    finished: waiting (members of an unsealed aggregate each count), in flight, or waiting to
+    retry.
     """
 
     queued: int
@@ -167,6 +176,19 @@ class DeliveryStats:
     dropped: int
     in_flight: int
     pending: int
+
+
+@dataclass(frozen=True, slots=True)
+class AggregationStats:
+    """Aggregation counters since creation (or a fork); zeros when aggregation is off.
+
+    ``aggregated_members``: usage events taken into a group; ``aggregates_sent``: aggregates of
+    two or more members Commet accepted; ``open_members``: members whose group is not sealed yet.
+    """
+
+    aggregated_members: int
+    aggregates_sent: int
+    open_members: int
 
 
 def retry_delay(
@@ -285,7 +307,7 @@ async def _spool_call(sender: _Sender, fn: Callable[..., _T], *args: Any) -> _T:
 class _Item:
     """One operation on its way, with the bytes every attempt re-sends."""
 
-    __slots__ = ("attempts", "body", "operation", "row_id", "unexpected")
+    __slots__ = ("attempts", "body", "members", "operation", "row_id", "unexpected")
 
     def __init__(self, operation: Operation) -> None:
         self.operation = operation
@@ -294,6 +316,8 @@ class _Item:
         self.unexpected = 0
         # The spool row this process holds for it (None: in memory only).
         self.row_id: int | None = None
+        # How many usage events this aggregate stands for (0: not an aggregate).
+        self.members = 0
 
     @classmethod
     def from_row(cls, row: SpoolRow) -> _Item:
@@ -341,7 +365,7 @@ class DeliveryQueue:
     ``sender_factory`` builds the client (default: ``AsyncCommetClient``), ``encoder`` the request
     body (default: ``_wire.encode_body``), and ``sleep`` waits out a retry delay (tests pass a
     fast one). ``spool`` replaces the one built from ``settings.spool_path`` (tests pass one
-    with a short lease).
+    with a short lease). ``clock`` (default ``time.monotonic``) times aggregation windows.
     """
 
     def __init__(
@@ -354,8 +378,10 @@ class DeliveryQueue:
         backoff_cap: float = BACKOFF_CAP,
         rng: random.Random | None = None,
         spool: Spool | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.settings = settings
+        self._clock = clock or time.monotonic
         if spool is None and settings.spool_path:
             spool = Spool(settings.spool_path)
         self._spool = spool
@@ -402,6 +428,12 @@ class DeliveryQueue:
         self._dead_lettered = 0
         self._dropped = 0
         self._spilled = 0
+        window = self.settings.aggregate_window
+        self._aggregator: Aggregator[_Item] | None = (
+            Aggregator(window, self._clock) if window else None
+        )
+        self._aggregated_members = 0
+        self._aggregates_sent = 0
         self._spill_warned = False
         # Per-key order of quota changes (see the module docstring): the change holding each
         # busy key's turn, and the later ones parked behind it.
@@ -431,13 +463,21 @@ class DeliveryQueue:
             if self._spool is not None:
                 self._enqueue_spooled(item, self._spool)
                 return
+            aggregator = self._aggregator if isinstance(operation, UsageEvent) else None
             with self._lock:
                 if self._pending < self._limit:
-                    self._queue.append(item)
                     self._pending += 1
                     self._queued += 1
-                    wake = self._idle
-                    self._idle = False
+                    if aggregator is None:
+                        self._queue.append(item)
+                        wake = self._idle
+                    else:
+                        # Held until its window is sealed; the sender needs a wake-up only when
+                        # the earliest deadline moved.
+                        wake = aggregator.add(cast("UsageEvent", operation), item) and self._idle
+                        self._aggregated_members += 1
+                    if wake:
+                        self._idle = False
                     sender = self._sender
                     full = False
                 else:
@@ -504,15 +544,96 @@ class DeliveryQueue:
             elif wake:
                 self._poke(sender)
             return
+        aggregator = None if quota else self._aggregator
         with self._lock:
-            self._queue.append(item)
-            wake = self._idle
-            self._idle = False
+            if aggregator is None:
+                self._queue.append(item)
+                wake = self._idle
+            else:
+                # Its row is held by this process until the seal replaces it (see _seal_one).
+                wake = aggregator.add(cast("UsageEvent", item.operation), item) and self._idle
+                self._aggregated_members += 1
+            if wake:
+                self._idle = False
             sender = self._sender
         if sender is None or not sender.alive():
             self._ensure_sender()
         elif wake:
             self._poke(sender)
+
+    # -- aggregation -----------------------------------------------------------------------
+
+    def seal_now(self) -> None:
+        """Seal every open aggregation group now and queue the aggregates (no-op when off)."""
+        try:
+            if self._pid != os.getpid():
+                self._reset_after_fork()
+            if self._seal(everything=True):
+                sender = self._sender
+                if sender is None or not sender.alive():
+                    self._ensure_sender()
+                else:
+                    self._poke(sender)
+        except Exception:
+            logger.exception("commet: could not seal the aggregation groups")
+
+    def _seal(self, *, everything: bool) -> bool:
+        """Seal the due groups (all if ``everything``) and queue them; True if any was sealed.
+
+        Blocking (a spool transaction per group): the sender runs it through ``_spool_call``.
+        """
+        aggregator = self._aggregator
+        if aggregator is None or not aggregator.members:
+            return False
+        with self._lock:
+            groups = aggregator.take_due(everything=everything)
+        for members in groups:
+            sealed = self._seal_one(members)
+            with self._lock:
+                if sealed is None:
+                    self._queue.extend(members)
+                else:
+                    self._queue.append(sealed)
+                    self._pending -= len(members) - 1
+                    self._cond.notify_all()
+                self._idle = False
+        return bool(groups)
+
+    def _seal_one(self, members: list[_Item]) -> _Item | None:
+        """Return the item standing for ``members``; None: send them one by one instead."""
+        if len(members) == 1:
+            return members[0]
+        try:
+            aggregate = aggregate_events([cast("UsageEvent", m.operation) for m in members])
+            item = _Item(aggregate)
+            item.members = len(members)
+            spool = self._spool
+            row_ids = [member.row_id for member in members if member.row_id is not None]
+            if spool is not None and row_ids:
+                item.body = self._encoder(aggregate, self.settings.dialect)
+                item.row_id = spool.seal_aggregate(
+                    row_ids, aggregate, self.settings.dialect, item.body
+                )
+        except SpoolSealError as exc:
+            # A lease ran out and another process may hold a member: each goes out with its own
+            # key, so Commet deduplicates whatever both send.
+            logger.warning("commet: not aggregating %d events: %s", len(members), exc)
+            return None
+        except Exception:
+            logger.exception(
+                "commet: could not seal %d events; sending them one by one", len(members)
+            )
+            return None
+        return item
+
+    def _aggregate_due_in(self) -> float | None:
+        """Seconds until the next aggregation window ends (None: no group is open)."""
+        aggregator = self._aggregator
+        if aggregator is None:
+            return None
+        with self._lock:
+            deadline = aggregator.next_deadline()
+        return None if deadline is None else max(deadline - self._clock(), 0.0)
 
     def _overflow(self, item: _Item) -> None:
         policy = self.settings.overflow
@@ -676,6 +797,13 @@ class DeliveryQueue:
                         await sender.slot_free.wait()
                     continue
                 sender.wakeup.clear()
+                if self._aggregator is not None:
+                    due_in = self._aggregate_due_in()
+                    if due_in is not None and due_in <= 0:
+                        if self._spool is None:
+                            self._seal_due()
+                        else:  # a spool transaction per group: off the (app's) event loop
+                            await _spool_call(sender, self._seal_due)
                 limit = min(sender.free_slots, self.settings.batch_size)
                 batch = self._take(sender, limit)
                 if batch is None:
@@ -690,12 +818,17 @@ class DeliveryQueue:
                         if batch is None:
                             return
                 if not batch:
-                    if self._spool is None:
+                    # Rows can appear in the spool without a wake-up (another process), and a
+                    # window ends without one.
+                    timeout = None if self._spool is None else _SPOOL_POLL
+                    due_in = self._aggregate_due_in()
+                    if due_in is not None:
+                        timeout = due_in if timeout is None else min(timeout, due_in)
+                    if timeout is None:
                         await sender.wakeup.wait()
                     else:
-                        # Rows can appear in the spool without a wake-up (another process).
                         with contextlib.suppress(asyncio.TimeoutError):
-                            await asyncio.wait_for(sender.wakeup.wait(), _SPOOL_POLL)
+                            await asyncio.wait_for(sender.wakeup.wait(), timeout)
                     continue
                 for item in batch:
                     sender.free_slots -= 1
@@ -722,6 +855,12 @@ class DeliveryQueue:
                     self._cond.notify_all()
             if client is not None:
                 await self._close_client(client)
+
+    def _seal_due(self) -> None:
+        try:
+            self._seal(everything=False)
+        except Exception:
+            logger.exception("commet: could not seal the aggregation groups")
 
     async def _renew_leases(self, sender: _Sender, spool: Spool) -> None:
         # A third of the lease: two renewals may fail (a busy file) before another process may
@@ -1008,6 +1147,8 @@ class DeliveryQueue:
             sender.in_flight -= 1
             if failure is None:
                 self._sent += 1
+                if item.members:
+                    self._aggregates_sent += 1
                 if getattr(result, "duplicate", False):
                     self._duplicates += 1
             else:
@@ -1073,6 +1214,8 @@ class DeliveryQueue:
                 logger.warning("commet: flush() on the sender's event loop; use await aflush()")
                 return self._pending == 0
             while True:
+                if self._aggregator is not None and self._aggregator.members:
+                    self.seal_now()
                 with self._cond:
                     pending = self._pending
                     remaining = deadline - time.monotonic()
@@ -1106,6 +1249,11 @@ class DeliveryQueue:
             deadline = time.monotonic() + timeout
             next_spool_check = 0.0
             while True:
+                if self._aggregator is not None and self._aggregator.members:
+                    if self._spool is None:
+                        self.seal_now()
+                    else:
+                        await asyncio.to_thread(self.seal_now)
                 now = time.monotonic()
                 if not self._pending and now >= next_spool_check:
                     if self._spool_drained() and not self._pending:
@@ -1148,6 +1296,7 @@ class DeliveryQueue:
                 leftovers.extend(self._queue)
                 self._queue.clear()
                 leftovers.extend(self._unpark_all())
+                leftovers.extend(self._unseal_all())
                 self._pending -= len(leftovers)
                 leftovers = self._keep_spooled(leftovers)
                 self._dead_lettered += len(leftovers)
@@ -1176,6 +1325,7 @@ class DeliveryQueue:
                 leftovers.extend(self._queue)
                 self._queue.clear()
                 leftovers.extend(self._unpark_all())
+                leftovers.extend(self._unseal_all())
                 self._pending -= len(leftovers)
                 leftovers = self._keep_spooled(leftovers)
                 self._dead_lettered += len(leftovers)
@@ -1191,6 +1341,13 @@ class DeliveryQueue:
             logger.exception("commet: close failed")
             return False
         return delivered and not leftovers
+
+    def _unseal_all(self) -> list[_Item]:
+        """(Lock held.) Forget the open aggregation groups; return their members, oldest first."""
+        aggregator = self._aggregator
+        if aggregator is None or not aggregator.members:
+            return []
+        return [item for group in aggregator.take_due(everything=True) for item in group]
 
     def _keep_spooled(self, items: list[_Item]) -> list[_Item]:
         """Give back the spool rows among ``items`` (lock held); return the memory-only rest."""
@@ -1232,6 +1389,16 @@ class DeliveryQueue:
                 dropped=self._dropped,
                 in_flight=sender.in_flight if sender else 0,
                 pending=self._pending,
+            )
+
+    def aggregation_stats(self) -> AggregationStats:
+        """Return a snapshot of the aggregation counters."""
+        with self._lock:
+            aggregator = self._aggregator
+            return AggregationStats(
+                aggregated_members=self._aggregated_members,
+                aggregates_sent=self._aggregates_sent,
+                open_members=aggregator.members if aggregator is not None else 0,
             )
 
     # -- fork --------------------------------------------------------------------------------

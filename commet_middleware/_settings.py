@@ -71,6 +71,9 @@ class CommetSettings:
     dead_letter: DeadLetterHook | None = field(default=None, repr=False, compare=False)
     # Durable spool (SQLite file); None keeps events in memory only.
     spool_path: str | None = None
+    # Seconds over which usage events of one (customer, feature, properties) are summed into one
+    # event before sending (see ``_aggregate``); None sends every event as it is.
+    aggregate_window: float | None = None
 
     def __post_init__(self) -> None:
         if self.dialect not in ("v1", "legacy"):
@@ -83,6 +86,8 @@ class CommetSettings:
             raise ValueError("max_concurrency must be at least 1")
         if self.max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        if self.aggregate_window is not None and not self.aggregate_window > 0:
+            raise ValueError("aggregate_window must be a positive number of seconds, or None")
 
     def __repr__(self) -> str:
         shown = ", ".join(

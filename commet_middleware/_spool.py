@@ -51,6 +51,7 @@ __all__ = [
     "DeadRow",
     "Spool",
     "SpoolRow",
+    "SpoolSealError",
     "SpoolStats",
     "operation_from_json",
     "operation_to_json",
@@ -139,6 +140,10 @@ def operation_from_json(text: str) -> Operation:
         count=data["count"],
         idempotency_key=data["idempotency_key"],
     )
+
+
+class SpoolSealError(Exception):
+    """A seal found a member row gone or held by another process; the spool is unchanged."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +295,44 @@ class Spool:
         return row_id
 
     # -- the sender ------------------------------------------------------------------------
+
+    def seal_aggregate(
+        self, member_ids: Sequence[int], aggregate: Operation, dialect: str, body: bytes | None
+    ) -> int:
+        """Replace member rows this process holds by one aggregate row, in one transaction.
+
+        The aggregate row is held by this process. Raises ``SpoolSealError`` (nothing changed)
+        if a member row is gone or held by another process, ``sqlite3.Error`` if the write failed.
+        """
+        now = time.time()
+        with self._use() as conn, _transaction(conn):
+            deleted = 0
+            for member_id in member_ids:
+                deleted += conn.execute(
+                    "DELETE FROM pending WHERE id = ? AND claimed_by = ?", (member_id, self._owner)
+                ).rowcount
+            if deleted != len(member_ids):
+                raise SpoolSealError(
+                    f"{len(member_ids) - deleted} of {len(member_ids)} member rows are no longer "
+                    "held by this process"
+                )
+            cursor = conn.execute(
+                "INSERT INTO pending (idempotency_key, kind, operation, dialect, body, created_at,"
+                " claimed_by, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    aggregate.idempotency_key,
+                    aggregate.kind,
+                    operation_to_json(aggregate),
+                    dialect,
+                    body,
+                    now,
+                    self._owner,
+                    now + self.lease_seconds,
+                ),
+            )
+            row_id = cursor.lastrowid
+        assert row_id is not None
+        return row_id
 
     def claim(self, limit: int) -> list[SpoolRow]:
         """Claim up to ``limit`` rows nobody holds (oldest first) for ``lease_seconds``."""

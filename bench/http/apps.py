@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from commet_middleware import CommetMiddleware, CommetWSGIMiddleware, metered
+from commet_middleware import CommetMiddleware, CommetSettings, CommetWSGIMiddleware, metered
 from commet_middleware.customers import from_header
 
 FRAMEWORKS = ("starlette", "fastapi", "flask")
@@ -110,6 +110,37 @@ def _metered_middleware(app: Any, framework: str, sink_url: str) -> None:
     )
 
 
+# Aggregation on: usage events of one customer and feature summed over half a second. The sink
+# counts distinct idempotency keys, so "events delivered" is one per window, not one per 2xx;
+# checking these cases needs the summed value (= number of 2xx), which the sink does not report
+# yet: hence commet_events=False.
+AGGREGATE_WINDOW = 0.5
+
+
+def _aggregating(sink_url: str, **extra: Any) -> dict[str, Any]:
+    options = commet_options(sink_url, **extra)
+    options["settings"] = CommetSettings.from_env(
+        api_key=options.pop("api_key"),
+        base_url=options.pop("base_url"),
+        aggregate_window=AGGREGATE_WINDOW,
+    )
+    return options
+
+
+def _zero_code_agg(app: Any, framework: str, sink_url: str) -> None:
+    add_middleware(
+        app,
+        framework,
+        CommetMiddleware,
+        CommetWSGIMiddleware,
+        **_aggregating(sink_url, meter=FEATURE),
+    )
+
+
+def _metered_agg(app: Any, framework: str, sink_url: str) -> None:
+    add_middleware(app, framework, CommetMiddleware, CommetWSGIMiddleware, **_aggregating(sink_url))
+
+
 def _apitally(app: Any, framework: str, sink_url: str) -> None:
     import importlib
 
@@ -136,6 +167,8 @@ CASES: dict[str, Case] = {
     "passthrough": Case(install=_passthrough),
     "zero_code": Case(install=_zero_code, commet_events=True),
     "metered": Case(install=_metered_middleware, decorate=metered(FEATURE), commet_events=True),
+    "zero_code_agg": Case(install=_zero_code_agg),
+    "metered_agg": Case(install=_metered_agg, decorate=metered(FEATURE)),
     "apitally": Case(install=_apitally, requires="apitally"),
     "moesif": Case(install=_moesif, requires="moesifasgi"),
     # The lead adds "quota_guard_warm" and "spool_on" here.
