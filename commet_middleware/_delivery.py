@@ -1290,17 +1290,7 @@ class DeliveryQueue:
         """
         delivered = self.flush(timeout)
         try:
-            with self._lock:
-                sender = self._sender
-                leftovers = self._retire(sender, requeue=False) if sender else []
-                leftovers.extend(self._queue)
-                self._queue.clear()
-                leftovers.extend(self._unpark_all())
-                leftovers.extend(self._unseal_all())
-                self._pending -= len(leftovers)
-                leftovers = self._keep_spooled(leftovers)
-                self._dead_lettered += len(leftovers)
-                self._cond.notify_all()
+            sender, leftovers = self._take_leftovers()
             if sender is not None:
                 self._poke(sender, all_waits=True)
                 thread = sender.thread
@@ -1319,17 +1309,8 @@ class DeliveryQueue:
             return await asyncio.to_thread(self.close, timeout)
         delivered = await self.aflush(timeout)
         try:
-            with self._lock:
-                sender = self._sender  # aflush may have replaced a sender that had died
-                leftovers = self._retire(sender, requeue=False) if sender else []
-                leftovers.extend(self._queue)
-                self._queue.clear()
-                leftovers.extend(self._unpark_all())
-                leftovers.extend(self._unseal_all())
-                self._pending -= len(leftovers)
-                leftovers = self._keep_spooled(leftovers)
-                self._dead_lettered += len(leftovers)
-                self._cond.notify_all()
+            # Read the sender again: aflush may have replaced one that had died.
+            sender, leftovers = self._take_leftovers()
             if sender is not None:
                 self._poke(sender, all_waits=True)
                 if sender.task is not None and sender.loop is asyncio.get_running_loop():
@@ -1341,6 +1322,25 @@ class DeliveryQueue:
             logger.exception("commet: close failed")
             return False
         return delivered and not leftovers
+
+    def _take_leftovers(self) -> tuple[_Sender | None, list[_Item]]:
+        """Retire the sender and take everything still undelivered, for close and aclose.
+
+        What the spool can keep goes back to it; the rest is returned (and counted as
+        dead-lettered) for the caller to report once the sender has stopped.
+        """
+        with self._lock:
+            sender = self._sender
+            leftovers = self._retire(sender, requeue=False) if sender else []
+            leftovers.extend(self._queue)
+            self._queue.clear()
+            leftovers.extend(self._unpark_all())
+            leftovers.extend(self._unseal_all())
+            self._pending -= len(leftovers)
+            leftovers = self._keep_spooled(leftovers)
+            self._dead_lettered += len(leftovers)
+            self._cond.notify_all()
+        return sender, leftovers
 
     def _unseal_all(self) -> list[_Item]:
         """(Lock held.) Forget the open aggregation groups; return their members, oldest first."""
