@@ -156,7 +156,52 @@ class SinkOwner:
             logger.exception("commet: closing the delivery queue failed")
 
 
-class CommetMiddleware:
+class MiddlewareSetup:
+    """What the ASGI and WSGI middlewares share: rules, settings, counters, sink and gate.
+
+    The middlewares keep their own explicit keyword signatures (typed for ``add_middleware``)
+    and hand the result to :meth:`_set_up`.
+    """
+
+    customer: CustomerResolver | None
+    rules: MeteringRules
+    idempotency_header: str | None
+    settings: CommetSettings
+    stats: MeteringStats
+
+    def _set_up(
+        self,
+        *,
+        customer: CustomerResolver | None,
+        rules: MeteringRules,
+        idempotency_header: str | None,
+        settings: CommetSettings,
+        sink: EventSink | None,
+        quota_gate: QuotaGate | None,
+    ) -> None:
+        self.customer = customer
+        self.rules = rules
+        self.idempotency_header = idempotency_header
+        self.settings = settings
+        self.stats = MeteringStats()
+        self._gates = QuotaGateOwner(quota_gate, settings)
+        self._sinks = SinkOwner(
+            sink, self._gates.queue_settings(settings) if sink is None else settings
+        )
+        self._gates.listen_to(self._sinks.sink)
+
+    @property
+    def sink(self) -> EventSink:
+        """The sink billable operations go to."""
+        return self._sinks.sink
+
+    @property
+    def gate(self) -> QuotaGate:
+        """The quota gate ``@quota_guard`` and ``@quota_release`` use in this middleware."""
+        return self._gates.gate
+
+
+class CommetMiddleware(MiddlewareSetup):
     """Bill each successful HTTP request's usage to its customer through Commet.
 
     ``customer`` resolves the paying customer (see :mod:`commet_middleware.customers`); code in
@@ -220,43 +265,31 @@ class CommetMiddleware:
         quota_gate: QuotaGate | None = None,
     ) -> None:
         self.app = app
-        self.customer = customer
-        self.rules = MeteringRules(
-            meter=meter,
-            exclude=exclude,
-            bill_status=bill_status,
-            on_missing_customer=on_missing_customer,
+        self._set_up(
+            customer=customer,
+            rules=MeteringRules(
+                meter=meter,
+                exclude=exclude,
+                bill_status=bill_status,
+                on_missing_customer=on_missing_customer,
+            ),
+            idempotency_header=idempotency_header.lower() if idempotency_header else None,
+            settings=build_settings(
+                settings,
+                {
+                    "api_key": api_key,
+                    "base_url": base_url,
+                    "transport": transport,
+                    "dialect": dialect,
+                    "api_version": api_version,
+                    "timeout": timeout,
+                    "spool_path": spool_path,
+                    "dead_letter": dead_letter,
+                },
+            ),
+            sink=sink,
+            quota_gate=quota_gate,
         )
-        self.idempotency_header = idempotency_header.lower() if idempotency_header else None
-        self.settings = build_settings(
-            settings,
-            {
-                "api_key": api_key,
-                "base_url": base_url,
-                "transport": transport,
-                "dialect": dialect,
-                "api_version": api_version,
-                "timeout": timeout,
-                "spool_path": spool_path,
-                "dead_letter": dead_letter,
-            },
-        )
-        self.stats = MeteringStats()
-        self._gates = QuotaGateOwner(quota_gate, self.settings)
-        self._sinks = SinkOwner(
-            sink, self._gates.queue_settings(self.settings) if sink is None else self.settings
-        )
-        self._gates.listen_to(self._sinks.sink)
-
-    @property
-    def sink(self) -> EventSink:
-        """The sink billable operations go to."""
-        return self._sinks.sink
-
-    @property
-    def gate(self) -> QuotaGate:
-        """The quota gate ``@quota_guard`` and ``@quota_release`` use in this middleware."""
-        return self._gates.gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -9,14 +9,13 @@ from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._asgi import QuotaGateOwner, SinkOwner, build_settings
+from ._asgi import MiddlewareSetup, build_settings
 from ._context import (
     DEFAULT_EXCLUDE,
     REJECTION_BODY,
     CustomerRequiredError,
     EventSink,
     MeteringRules,
-    MeteringStats,
     MeterSpec,
     RequestContext,
     RequestRefusedError,
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
 Write = Callable[[bytes], object]
 
 
-class CommetWSGIMiddleware:
+class CommetWSGIMiddleware(MiddlewareSetup):
     """Bill each successful WSGI request's usage to its customer through Commet.
 
     Same options and rules as :class:`commet_middleware.CommetMiddleware`. Install it around
@@ -82,43 +81,31 @@ class CommetWSGIMiddleware:
         quota_gate: QuotaGate | None = None,
     ) -> None:
         self.app = app
-        self.customer = customer
-        self.rules = MeteringRules(
-            meter=meter,
-            exclude=exclude,
-            bill_status=bill_status,
-            on_missing_customer=on_missing_customer,
+        self._set_up(
+            customer=customer,
+            rules=MeteringRules(
+                meter=meter,
+                exclude=exclude,
+                bill_status=bill_status,
+                on_missing_customer=on_missing_customer,
+            ),
+            idempotency_header=idempotency_header,
+            settings=build_settings(
+                settings,
+                {
+                    "api_key": api_key,
+                    "base_url": base_url,
+                    "transport": transport,
+                    "dialect": dialect,
+                    "api_version": api_version,
+                    "timeout": timeout,
+                    "spool_path": spool_path,
+                    "dead_letter": dead_letter,
+                },
+            ),
+            sink=sink,
+            quota_gate=quota_gate,
         )
-        self.idempotency_header = idempotency_header
-        self.settings = build_settings(
-            settings,
-            {
-                "api_key": api_key,
-                "base_url": base_url,
-                "transport": transport,
-                "dialect": dialect,
-                "api_version": api_version,
-                "timeout": timeout,
-                "spool_path": spool_path,
-                "dead_letter": dead_letter,
-            },
-        )
-        self.stats = MeteringStats()
-        self._gates = QuotaGateOwner(quota_gate, self.settings)
-        self._sinks = SinkOwner(
-            sink, self._gates.queue_settings(self.settings) if sink is None else self.settings
-        )
-        self._gates.listen_to(self._sinks.sink)
-
-    @property
-    def sink(self) -> EventSink:
-        """The sink billable operations go to."""
-        return self._sinks.sink
-
-    @property
-    def gate(self) -> QuotaGate:
-        """The quota gate ``@quota_guard`` and ``@quota_release`` use in this middleware."""
-        return self._gates.gate
 
     def close(self) -> None:
         """Flush and close the delivery queue this middleware owns (at worker shutdown), then
