@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import threading
-from collections.abc import Iterator
 
 import pytest
+from unit.support import (  # noqa: F401 - fixtures shared with the middleware tests
+    _fail_on_swallowed_errors,
+    allow_commet_errors,
+)
 
 from commet_middleware import CommetError, CommetSettings
 from commet_middleware._models import Operation
@@ -74,27 +76,3 @@ def quota_reads(fake: FakeCommet) -> int:
 def quota_writes(fake: FakeCommet, suffix: str = "/quota") -> int:
     """How many quota mutations (add: ``/quota``, remove: ``/quota/remove``) were sent."""
     return sum(1 for r in fake.requests if r.method != "GET" and r.path.endswith(suffix))
-
-
-@pytest.fixture
-def allow_commet_errors() -> None:
-    """Mark a test whose point is that the toolkit logs an error (and swallows it)."""
-
-
-@pytest.fixture(autouse=True)
-def _fail_on_swallowed_errors(
-    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
-) -> Iterator[None]:
-    # The toolkit never lets its own errors break a request; it logs them. A test that did not
-    # expect one must not pass while one was swallowed.
-    caplog.set_level(logging.INFO, logger="commet_middleware")
-    yield
-    if "allow_commet_errors" in request.fixturenames:
-        return
-    errors = [
-        r
-        for r in caplog.get_records("call")
-        if r.name.startswith("commet_middleware") and r.levelno >= 40
-    ]
-    if errors:
-        pytest.fail("commet_middleware logged errors: " + "; ".join(r.getMessage() for r in errors))
