@@ -413,6 +413,7 @@ class DeliveryQueue:
 
     def _init_state(self) -> None:
         self._pid = os.getpid()
+        self._generation = _fork_generation
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._start_lock = threading.Lock()
@@ -457,7 +458,7 @@ class DeliveryQueue:
     def enqueue(self, operation: Operation) -> None:
         """Accept ``operation`` for delivery; never raises, waits only as the overflow says."""
         try:
-            if self._pid != os.getpid():
+            if self._generation != _fork_generation:
                 self._reset_after_fork()
             item = _Item(operation)
             if self._spool is not None:
@@ -566,7 +567,7 @@ class DeliveryQueue:
     def seal_now(self) -> None:
         """Seal every open aggregation group now and queue the aggregates (no-op when off)."""
         try:
-            if self._pid != os.getpid():
+            if self._generation != _fork_generation:
                 self._reset_after_fork()
             if self._seal(everything=True):
                 sender = self._sender
@@ -688,7 +689,7 @@ class DeliveryQueue:
     def start(self) -> None:
         """Start the sender now: on the running event loop if there is one, else in a thread."""
         try:
-            if self._pid != os.getpid():
+            if self._generation != _fork_generation:
                 self._reset_after_fork()
             self._ensure_sender()
         except Exception:
@@ -824,11 +825,7 @@ class DeliveryQueue:
                     due_in = self._aggregate_due_in()
                     if due_in is not None:
                         timeout = due_in if timeout is None else min(timeout, due_in)
-                    if timeout is None:
-                        await sender.wakeup.wait()
-                    else:
-                        with contextlib.suppress(asyncio.TimeoutError):
-                            await asyncio.wait_for(sender.wakeup.wait(), timeout)
+                    await self._wait_for_wakeup(sender, timeout)
                     continue
                 for item in batch:
                     sender.free_slots -= 1
@@ -901,6 +898,23 @@ class DeliveryQueue:
                 delay = retry_delay(attempt, base=self.settings.backoff_base, rng=self._rng)
                 await self._sleep_unless_woken(sender, delay)
         return None
+
+    @staticmethod
+    async def _wait_for_wakeup(sender: _Sender, timeout: float | None) -> None:
+        """Wait until ``sender`` is poked, or ``timeout`` seconds (None: no limit).
+
+        Not ``asyncio.wait_for``: on Python 3.11 it loses a cancellation that arrives in the
+        turn its awaitable completes, and the sender would then wait again, for ever, under a
+        loop that is shutting down (asyncio.run never returned).
+        """
+        if timeout is None:
+            await sender.wakeup.wait()
+            return
+        waiter = asyncio.get_running_loop().create_task(sender.wakeup.wait())
+        try:
+            await asyncio.wait((waiter,), timeout=timeout)
+        finally:
+            waiter.cancel()
 
     async def _sleep_unless_woken(self, sender: _Sender, delay: float) -> None:
         """Wait ``delay``, or less if ``sender`` is poked (asked to stop before a fork)."""
@@ -1205,7 +1219,7 @@ class DeliveryQueue:
         Call it from any thread but the sender's event loop (there, ``await aflush()``).
         """
         try:
-            if self._pid != os.getpid():
+            if self._generation != _fork_generation:
                 self._reset_after_fork()
             if timeout is None:
                 timeout = self.settings.shutdown_timeout
@@ -1445,6 +1459,9 @@ class DeliveryQueue:
 
 
 _live_queues: weakref.WeakSet[DeliveryQueue] = weakref.WeakSet()
+# Bumped in a forked child, so a queue sees it was inherited without a getpid() system call
+# per enqueue (system calls are what a busy request path can least afford; see bench/).
+_fork_generation = 0
 _registry_lock = threading.Lock()
 _defaults_by_id: dict[int, DeliveryQueue] = {}
 _defaults: list[DeliveryQueue] = []
@@ -1511,7 +1528,8 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _registry_lock
+    global _registry_lock, _fork_generation
+    _fork_generation += 1
     _registry_lock = threading.Lock()
     _held_queues.clear()
     for queue in list(_live_queues):

@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 
@@ -238,3 +240,36 @@ def test_aclose_replaces_a_crashed_loop_sender_and_delivers(
     assert asyncio.run(lifespan())
     assert sender.completed == ["a"]
     assert crashes == [1]
+
+
+def _run_in_thread(main: Callable[[], Coroutine[Any, Any, None]], timeout: float) -> bool:
+    """Run ``asyncio.run(main())`` in a daemon thread; True if it returned within ``timeout``."""
+    done = threading.Event()
+
+    def target() -> None:
+        asyncio.run(main())
+        done.set()
+
+    threading.Thread(target=target, daemon=True).start()
+    return done.wait(timeout)
+
+
+@pytest.mark.parametrize("window", [None, 30.0])
+def test_a_loop_that_ends_with_a_wake_up_pending_still_ends(
+    make_queue: QueueFactory, sender: FakeSender, window: float | None
+) -> None:
+    """The loop's end cancels the sender even when a wake-up arrived in the same turn.
+
+    asyncio.wait_for (3.11) loses a cancellation that races with the result it waits for;
+    the sender then waited again, for ever, and asyncio.run() never returned.
+    """
+    queue = make_queue(aggregate_window=window, spool_path=None)
+
+    async def main() -> None:
+        queue.enqueue(event("a"))  # starts the sender on this loop
+        await asyncio.sleep(0.05)  # it delivered "a" and now waits to be woken
+        queue.seal_now()  # wakes it in this very turn...
+        queue.enqueue(event("b"))
+        # ...and returning now makes asyncio.run cancel it in the next one.
+
+    assert _run_in_thread(main, 10), "asyncio.run() hung on the delivery sender"
