@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import uuid
+import itertools
+import os
 
 __all__ = ["KEY_PREFIX", "client_key_seed", "derive_idempotency_key", "new_request_id"]
 
@@ -16,9 +17,30 @@ _DIGEST_LENGTH = 32
 _SEP = "\x1f"
 
 
+def _fresh_nonce() -> str:
+    return os.urandom(8).hex()
+
+
+# A request id is this process's random nonce (64 bits, drawn again in a forked child) and a
+# counter: unique across processes and restarts like a uuid4, at a tenth of its cost (no
+# system call per request). It only has to be unique, not secret: nothing is authorised by it.
+_nonce = _fresh_nonce()
+_counter = itertools.count(1)
+
+
+def _reseed_after_fork() -> None:
+    global _nonce, _counter
+    _nonce = _fresh_nonce()
+    _counter = itertools.count(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed_after_fork)
+
+
 def new_request_id() -> str:
-    """Return a fresh random id for one executed request (or job)."""
-    return uuid.uuid4().hex
+    """Return a fresh id for one executed request (or job): 32 hex characters, never reused."""
+    return f"{_nonce}{next(_counter):016x}"
 
 
 def client_key_seed(client_key: str, method: str, path: str) -> str:

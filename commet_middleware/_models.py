@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
@@ -32,10 +33,27 @@ MAX_PROPERTY_VALUE_LENGTH = 500
 QuotaAction = Literal["add", "remove", "set"]
 
 
+# The formatted date and time of the last second a timestamp was made in: every event made
+# within one second shares it (the request path makes one timestamp per usage event).
+_stamp_second: tuple[int, str] = (-1, "")
+
+
 def utc_timestamp(moment: datetime | None = None) -> str:
-    """Return an ISO 8601 UTC timestamp with milliseconds, as Commet writes them."""
-    moment = moment or datetime.now(timezone.utc)
-    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Return an ISO 8601 UTC timestamp with milliseconds, as Commet writes them.
+
+    ``2026-11-22T10:15:30.123Z``; without ``moment``, the current time.
+    """
+    global _stamp_second
+    if moment is not None:
+        text = moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+        return text.replace("+00:00", "Z")
+    now = time.time()
+    second = int(now)
+    cached, prefix = _stamp_second
+    if cached != second:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _stamp_second = (second, prefix)
+    return f"{prefix}.{int((now - second) * 1000):03d}Z"
 
 
 def validate_feature_code(feature: object) -> str:

@@ -101,6 +101,20 @@ def test_utc_timestamp_is_iso_8601_with_milliseconds() -> None:
     assert stamp[10] == "T"
 
 
+def test_utc_timestamp_of_now_agrees_with_datetime() -> None:
+    """The fast path for "now" gives what formatting datetime.now() gives, to the millisecond."""
+    from datetime import datetime, timedelta, timezone
+
+    for _ in range(200):
+        before = datetime.now(timezone.utc)
+        stamp = utc_timestamp()
+        after = datetime.now(timezone.utc)
+        parsed = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        assert before - timedelta(milliseconds=1) < parsed <= after
+    moment = datetime(2026, 1, 15, 10, 0, 0, 123456, tzinfo=timezone.utc)
+    assert utc_timestamp(moment) == "2026-01-15T10:00:00.123Z"
+
+
 @pytest.mark.parametrize("count", [-1, 1.5, "2", True, None])
 def test_bad_quota_counts_are_refused(count: object) -> None:
     """Quota counts are whole numbers >= 0."""

@@ -40,3 +40,31 @@ def test_client_key_seed_binds_method_and_path() -> None:
     assert seed != client_key_seed("k1", "PUT", "/a")
     assert seed != client_key_seed("k1", "POST", "/b")
     assert seed != client_key_seed("k2", "POST", "/a")
+
+
+def test_request_ids_have_a_fixed_hex_shape() -> None:
+    """A request id is 32 lowercase hex characters, like the uuid4 hex it replaced."""
+    assert re.fullmatch(r"[0-9a-f]{32}", new_request_id())
+
+
+def test_a_forked_child_never_repeats_the_parents_request_ids() -> None:
+    """The child draws a new nonce: ids from parent and child after the fork never collide."""
+    import os
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: send 100 ids to the parent, then leave without cleanup
+        os.close(read)
+        os.write(write, "\n".join(new_request_id() for _ in range(100)).encode())
+        os._exit(0)
+    os.close(write)
+    parent_ids = {new_request_id() for _ in range(100)}
+    chunks = []
+    while chunk := os.read(read, 65536):
+        chunks.append(chunk)
+    os.close(read)
+    os.waitpid(pid, 0)
+    child_ids = set(b"".join(chunks).decode().split("\n"))
+    assert len(child_ids) == 100
+    assert not parent_ids & child_ids
+    assert {i[:16] for i in child_ids} != {i[:16] for i in parent_ids}
