@@ -22,11 +22,11 @@ from ._context import (
     _current,
     declared_body_length,
 )
-from ._keys import client_key_seed, new_request_id
+from ._keys import client_key_seed
 from ._models import Operation
 from ._quota import QuotaGate
 from ._settings import CommetSettings, DeadLetterHook, Dialect
-from .customers import CustomerResolver, resolve_async, resolve_now
+from .customers import CustomerResolver, resolve_async, resolve_now, resolve_now_or_later
 
 __all__ = ["CommetMiddleware"]
 
@@ -342,6 +342,20 @@ def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
 class _HTTPCall:
     """The middleware's state for one HTTP request; never stored on the middleware."""
 
+    __slots__ = (
+        "_send",
+        "billable",
+        "body_left",
+        "completed",
+        "ctx",
+        "feature",
+        "mw",
+        "rejected",
+        "response_started",
+        "scope",
+        "send_failed",
+    )
+
     def __init__(self, middleware: CommetMiddleware, scope: Scope, send: Send) -> None:
         self.mw = middleware
         self.scope = scope
@@ -354,28 +368,32 @@ class _HTTPCall:
         # 0 for HEAD/204/304), or None when only the final message ends it.
         self.body_left: int | None = None
         self.send_failed = False
+        # Whether the response's status is billed; known once the response starts.
+        self.billable = False
         self.ctx = RequestContext(
-            sink=middleware.sink,
+            sink=middleware._sinks.sink,
             settings=middleware.settings,
-            key_seed=self._key_seed(),
+            key_seed=self._key_seed() if middleware.idempotency_header else "",
             reject_missing_customer=middleware.rules.reject_missing_customer,
             stats=middleware.stats,
-            gate=middleware.gate,
+            gate=middleware._gates.gate,
         )
 
     def _key_seed(self) -> str:
+        """The client's key bound to method and path, or "": the context's own request id."""
         header = self.mw.idempotency_header
         client_key = _header(self.scope, header.encode("latin-1")) if header else None
         if client_key:
             return client_key_seed(client_key, self.scope.get("method", ""), self.scope["path"])
-        return "request\x1f" + new_request_id()
+        return ""
 
     async def run(self, receive: Receive) -> None:
         ctx = self.ctx
         resolver = self.mw.customer
         if resolver is not None:
-            ctx.customer_id = await resolve_async(resolver, self.scope)
             scope = self.scope
+            found = resolve_now_or_later(resolver, scope)
+            ctx.customer_id = found if found is None or isinstance(found, str) else await found
             ctx.late_resolver = lambda: resolve_now(resolver, scope)
         token = _current.set(ctx)
         try:
@@ -397,29 +415,23 @@ class _HTTPCall:
         if self.rejected:
             return  # the app's own response was replaced by the 401
         kind = message["type"]
-        if kind == "http.response.start":
-            self.response_started = True
-            self.ctx.status = int(message["status"])
-            await self._learn_customer()
-            self.feature = self._zero_code_feature()
-            if self._must_reject():
-                await self._reject()
+        # Whether forwarding this message gives the client the whole response.
+        if kind == "http.response.body":
+            left = self.body_left
+            if left is not None:
+                left -= len(message.get("body", b""))
+                self.body_left = left
+            completes = (left is not None and left <= 0) or not message.get("more_body", False)
+        elif kind == "http.response.start":
+            message = await self._start(message)
+            if self.rejected:
                 return
-            self.body_left = declared_body_length(
-                str(self.scope.get("method", "GET")),
-                self.ctx.status,
-                _content_length(message.get("headers", ())),
-            )
-            if self.ctx.response_headers and self.mw.rules.billable_status(self.ctx.status):
-                # A guard's RateLimit headers, on responses that will use the reserved units.
-                message = dict(message)
-                message["headers"] = [
-                    *message.get("headers", ()),
-                    *_encode(self.ctx.response_headers),
-                ]
+            completes = self.body_left == 0
+        else:
+            completes = kind == "http.response.pathsend"
         settle_after = False
-        if self._completes(kind, message) and not self.completed:
-            if self._billable():
+        if completes and not self.completed:
+            if self.billable and not self.send_failed:
                 # Settle (spool) before the message that lets the client have the whole
                 # response: a crash after this loses nothing; a send that fails now still bills.
                 self._complete(billable=True)
@@ -433,19 +445,29 @@ class _HTTPCall:
         if settle_after:
             self._complete(billable=False)
 
-    def _completes(self, kind: str, message: Message) -> bool:
-        """Return True when forwarding ``message`` gives the client the whole response."""
-        if kind == "http.response.pathsend":
-            return True
-        if kind == "http.response.start":
-            return self.body_left == 0
-        if kind != "http.response.body":
-            return False
-        if self.body_left is not None:
-            self.body_left -= len(message.get("body", b""))
-            if self.body_left <= 0:
-                return True
-        return not message.get("more_body", False)
+    async def _start(self, message: Message) -> Message:
+        """Take in the response start: status, customer, zero-code feature, refusals."""
+        self.response_started = True
+        ctx = self.ctx
+        ctx.status = status = int(message["status"])
+        mw = self.mw
+        if ctx.customer_id is None and mw.customer is not None:
+            await self._learn_customer()
+        if mw.rules.meter is not None:
+            self.feature = self._zero_code_feature()
+        if ctx.refusal is not None or (ctx.reject_missing_customer and self._must_reject()):
+            await self._reject()
+            return message
+        self.billable = billable = mw.rules.billable_status(status)
+        headers = message.get("headers", ())
+        self.body_left = declared_body_length(
+            str(self.scope.get("method", "GET")), status, _content_length(headers)
+        )
+        if ctx.response_headers and billable:
+            # A guard's RateLimit headers, on responses that will use the reserved units.
+            message = dict(message)
+            message["headers"] = [*headers, *_encode(ctx.response_headers)]
+        return message
 
     async def _learn_customer(self) -> None:
         resolver = self.mw.customer
@@ -454,10 +476,16 @@ class _HTTPCall:
 
     def _zero_code_feature(self) -> str | None:
         scope = self.scope
-        route = getattr(scope.get("route"), "path", None)
+        rules = self.mw.rules
         method = str(scope.get("method", "GET")).upper()
-        preflight = _header(scope, b"access-control-request-method") is not None
-        return self.mw.rules.zero_code_feature(
+        if rules.single_feature is not None and method != "OPTIONS":
+            # One feature for every request (meter="api_calls"): only the path can exclude it.
+            return None if rules.excludes_path(scope["path"]) else rules.single_feature
+        route = getattr(scope.get("route"), "path", None)
+        preflight = (
+            method == "OPTIONS" and _header(scope, b"access-control-request-method") is not None
+        )
+        return rules.zero_code_feature(
             scope, method, scope["path"], route if isinstance(route, str) else None, preflight
         )
 
@@ -507,9 +535,6 @@ class _HTTPCall:
             }
         )
         await self._send({"type": "http.response.body", "body": REJECTION_BODY})
-
-    def _billable(self) -> bool:
-        return not self.send_failed and self.mw.rules.billable_status(self.ctx.status)
 
     def _complete(self, *, billable: bool) -> None:
         self.completed = True

@@ -16,8 +16,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeAlias
 
 from ._keys import derive_idempotency_key, new_request_id
 from ._models import (
@@ -27,6 +27,7 @@ from ._models import (
     utc_timestamp,
     validate_customer_id,
     validate_feature_code,
+    validate_properties,
 )
 
 if TYPE_CHECKING:
@@ -127,9 +128,12 @@ class PendingQuota:
     count: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class PendingUsage:
-    """A usage event recorded during a request, billed only if the request succeeds."""
+class PendingUsage(NamedTuple):
+    """A usage event recorded during a request, billed only if the request succeeds.
+
+    A named tuple rather than a frozen dataclass: one is made per metered request, and a tuple
+    is built in half the time.
+    """
 
     feature: str
     value: int | float
@@ -173,47 +177,68 @@ class MeteringStats:
             }
 
 
-@dataclass(eq=False)
 class RequestContext:
     """Everything billing needs to know about one request (or one job), shared by reference.
 
     ``direct`` contexts (jobs, :func:`commet_context`) enqueue each operation as soon as it is
     recorded; request contexts keep them pending until the middleware knows the response.
+    A plain class rather than a dataclass: one is made per request, so what most requests
+    never change lives on the class, and ``__init__`` sets only the rest.
     """
 
-    sink: EventSink
-    settings: CommetSettings | None = None
-    request_id: str = field(default_factory=new_request_id)
-    # What the idempotency keys are derived from: the request id, or the client's key.
-    key_seed: str = ""
-    customer_id: str | None = None
-    direct: bool = False
-    reject_missing_customer: bool = False
+    # What the idempotency keys are derived from: "request" + the request id, or the client's
+    # key (see _keys).
+    key_seed: str
     status: int | None = None
-    pending: list[PendingUsage] = field(default_factory=list)
-    ordinals: dict[str, int] = field(default_factory=dict)
     invalid_values: int = 0
     # Set by @metered in reject mode when it refused to run for want of a customer.
     customer_required: bool = False
     # Once settled, nothing more is billed for this request except what the settle allowed.
     settled: bool = False
     billable_after_settle: bool = False
-    stats: MeteringStats | None = None
-    # Re-runs the middleware's customer resolver (sync only) for values that appear only once
-    # the app has routed the request or authenticated the user (path params, scope["user"]).
-    late_resolver: Callable[[], str | None] | None = field(default=None, repr=False)
-    # The middleware's quota gate, for @quota_guard and @quota_release.
-    gate: QuotaGate | None = field(default=None, repr=False)
-    quota_pending: list[PendingQuota] = field(default_factory=list)
-    # What a guard refused with (sent instead of the app's response), and the RateLimit headers
-    # a guard adds to the response.
+    # What a guard refused with (sent instead of the app's response).
     refusal: Refusal | None = None
-    response_headers: list[tuple[str, str]] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def __post_init__(self) -> None:
-        if not self.key_seed:
-            self.key_seed = "request\x1f" + self.request_id
+    def __init__(
+        self,
+        sink: EventSink,
+        settings: CommetSettings | None = None,
+        request_id: str = "",
+        key_seed: str = "",
+        customer_id: str | None = None,
+        direct: bool = False,
+        reject_missing_customer: bool = False,
+        stats: MeteringStats | None = None,
+        late_resolver: Callable[[], str | None] | None = None,
+        gate: QuotaGate | None = None,
+    ) -> None:
+        self.sink = sink
+        self.settings = settings
+        # A fresh id unless given (one per request: made here, not by the caller).
+        self.request_id = request_id = request_id or new_request_id()
+        self.key_seed = key_seed or "request\x1f" + request_id
+        self.customer_id = customer_id
+        self.direct = direct
+        self.reject_missing_customer = reject_missing_customer
+        self.stats = stats
+        # Re-runs the middleware's customer resolver (sync only) for values that appear only
+        # once the app has routed the request or authenticated the user (path params,
+        # scope["user"]).
+        self.late_resolver = late_resolver
+        # The middleware's quota gate, for @quota_guard and @quota_release.
+        self.gate = gate
+        self.pending: list[PendingUsage] = []
+        self.ordinals: dict[str, int] = {}
+        self.quota_pending: list[PendingQuota] = []
+        # The RateLimit headers a guard adds to the response.
+        self.response_headers: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (
+            f"<RequestContext {self.request_id} customer={self.customer_id!r} "
+            f"direct={self.direct} settled={self.settled} pending={len(self.pending)}>"
+        )
 
     def customer(self) -> str | None:
         """Return the customer id, asking the resolver again if none is known yet."""
@@ -379,13 +404,14 @@ class RequestContext:
 
     def _enqueue(self, item: PendingUsage, customer: str) -> bool:
         try:
-            event = UsageEvent.create(
-                customer,
-                item.feature,
-                item.value,
+            # Feature, value and properties were validated when recorded; the customer is new.
+            event = UsageEvent(
+                customer_id=validate_customer_id(customer),
+                feature=item.feature,
+                value=item.value,
                 idempotency_key=item.idempotency_key,
                 timestamp=item.timestamp,
-                properties=item.properties,
+                properties=validate_properties(item.properties),
             )
         except ValueError:
             logger.exception("commet: could not build usage event for %r; not billed", item.feature)
@@ -522,21 +548,26 @@ class MeteringRules:
         elif meter is not None and not callable(meter):
             raise TypeError("meter must be a feature code, a mapping or a callable")
         self.meter = meter
+        # meter="api_calls": the one feature every (non-excluded) request is billed to.
+        self.single_feature = meter if isinstance(meter, str) else None
         self.exclude = tuple(exclude)
+        # A plain pattern excludes its path and everything under it; a glob what it matches.
+        plain = [pattern for pattern in self.exclude if "*" not in pattern]
+        self._excluded_paths = frozenset(plain)
+        self._excluded_prefixes = tuple(pattern.rstrip("/") + "/" for pattern in plain)
+        self._excluded_globs = tuple(pattern for pattern in self.exclude if "*" in pattern)
         self.bill_status = bill_status or _default_bill_status
         self.reject_missing_customer = on_missing_customer == "reject"
 
     def is_excluded(self, method: str, path: str, preflight: bool) -> bool:
         """Return True when zero-code metering skips this request (health checks, docs, CORS)."""
-        if method == "OPTIONS" and preflight:
+        return (method == "OPTIONS" and preflight) or self.excludes_path(path)
+
+    def excludes_path(self, path: str) -> bool:
+        """Return True when ``exclude`` names ``path`` (or a path above it, or a matching glob)."""
+        if path in self._excluded_paths or path.startswith(self._excluded_prefixes):
             return True
-        for pattern in self.exclude:
-            if "*" in pattern:
-                if fnmatch.fnmatchcase(path, pattern):
-                    return True
-            elif path == pattern or path.startswith(pattern.rstrip("/") + "/"):
-                return True
-        return False
+        return any(fnmatch.fnmatchcase(path, glob) for glob in self._excluded_globs)
 
     def zero_code_feature(
         self,

@@ -22,7 +22,7 @@ from ._context import (
     _current,
     declared_body_length,
 )
-from ._keys import client_key_seed, new_request_id
+from ._keys import client_key_seed
 from ._quota import QuotaGate
 from ._settings import CommetSettings, DeadLetterHook, Dialect
 from .customers import CustomerResolver, resolve_now
@@ -143,7 +143,7 @@ class _WSGICall:
         self.ctx = RequestContext(
             sink=middleware.sink,
             settings=middleware.settings,
-            key_seed=self._key_seed(),
+            key_seed=self._key_seed() if middleware.idempotency_header else "",
             reject_missing_customer=middleware.rules.reject_missing_customer,
             stats=middleware.stats,
             gate=middleware.gate,
@@ -160,7 +160,7 @@ class _WSGICall:
             if client_key:
                 method = str(self.environ.get("REQUEST_METHOD", ""))
                 return client_key_seed(client_key, method, self._path())
-        return "request\x1f" + new_request_id()
+        return ""  # the context's own request id
 
     def _path(self) -> str:
         return str(self.environ.get("SCRIPT_NAME", "")) + str(self.environ.get("PATH_INFO", ""))
@@ -206,7 +206,8 @@ class _WSGICall:
             ctx.status = None
         if ctx.customer_id is None:
             ctx.customer()
-        self.feature = self._zero_code_feature()
+        if self.mw.rules.meter is not None:
+            self.feature = self._zero_code_feature()
         if self._must_reject():
             self._reject(exc_info)
             return _discard
@@ -224,8 +225,12 @@ class _WSGICall:
 
     def _zero_code_feature(self) -> str | None:
         environ = self.environ
+        rules = self.mw.rules
         method = str(environ.get("REQUEST_METHOD", "GET")).upper()
         path = str(environ.get("PATH_INFO", "")) or "/"
+        if rules.single_feature is not None and method != "OPTIONS":
+            # One feature for every request (meter="api_calls"): only the path can exclude it.
+            return None if rules.excludes_path(path) else rules.single_feature
         # Flask (werkzeug) leaves its request, and through it the matched rule, in the environ.
         rule = getattr(getattr(environ.get("werkzeug.request"), "url_rule", None), "rule", None)
         preflight = "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ

@@ -35,6 +35,7 @@ __all__ = [
     "is_asgi_scope",
     "resolve_async",
     "resolve_now",
+    "resolve_now_or_later",
 ]
 
 _logger = logging.getLogger("commet_middleware")
@@ -59,6 +60,12 @@ def _clean(value: object) -> str | None:
     return None
 
 
+def _environ_key(header: str) -> str:
+    """Return the WSGI environ key of request header ``header``."""
+    key = header.upper().replace("-", "_")
+    return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
+
+
 def _header(source: Mapping[str, Any], name: str) -> str | None:
     if is_asgi_scope(source):
         wanted = name.lower().encode("latin-1")
@@ -66,10 +73,7 @@ def _header(source: Mapping[str, Any], name: str) -> str | None:
             if key.lower() == wanted:
                 return _clean(value)
         return None
-    key = name.upper().replace("-", "_")
-    if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-        key = "HTTP_" + key
-    return _clean(source.get(key))
+    return _clean(source.get(_environ_key(name)))
 
 
 def from_header(name: str) -> CustomerResolver:
@@ -78,9 +82,18 @@ def from_header(name: str) -> CustomerResolver:
     Use header identity **only behind a trusted gateway** that sets the header itself and strips
     any value sent by the client: otherwise any caller can bill any customer.
     """
+    # Runs on every request: the names are worked out once, here.
+    wanted = name.lower().encode("latin-1")
+    environ_key = _environ_key(name)
 
     def resolve(source: Mapping[str, Any]) -> str | None:
-        return _header(source, name)
+        if "REQUEST_METHOD" in source or "type" not in source:  # a WSGI environ
+            return _clean(source.get(environ_key))
+        for key, value in source.get("headers") or ():
+            if key == wanted or key.lower() == wanted:
+                found = bytes(value).decode("latin-1").strip()
+                return found or None
+        return None
 
     return resolve
 
@@ -286,6 +299,37 @@ def resolve_now(resolver: CustomerResolver, source: Mapping[str, Any]) -> str | 
         _logger.debug("commet: async customer resolver skipped at a sync call site")
         return None
     return _clean(result)
+
+
+def resolve_now_or_later(
+    resolver: CustomerResolver, source: Mapping[str, Any]
+) -> str | Awaitable[str | None] | None:
+    """Run ``resolver``: its cleaned answer, or for an async resolver an awaitable of it.
+
+    What :func:`resolve_async` does, without the cost of a coroutine when the resolver is sync
+    (most are: a header, a cookie, the scope's user). Errors are logged, never raised.
+    """
+    try:
+        result = resolver(source)
+    except Exception:
+        _logger.exception("commet: customer resolver %r failed; treating as no customer", resolver)
+        return None
+    if result is None:
+        return None
+    if type(result) is str:
+        return result.strip() or None
+    if inspect.isawaitable(result):
+        return _await_guarded(resolver, result)
+    return _clean(result)
+
+
+async def _await_guarded(resolver: CustomerResolver, result: Awaitable[object]) -> str | None:
+    try:
+        value = await result
+    except Exception:
+        _logger.exception("commet: customer resolver %r failed; treating as no customer", resolver)
+        return None
+    return _clean(value)
 
 
 async def resolve_async(resolver: CustomerResolver, source: Mapping[str, Any]) -> str | None:
