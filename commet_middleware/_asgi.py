@@ -540,5 +540,6 @@ class _HTTPCall:
         self.completed = True
         ctx = self.ctx
         if billable and self.feature is not None:
-            ctx.record(self.feature, 1, None)
-        ctx.settle(billable=billable)
+            ctx.settle_with_usage(self.feature)
+        else:
+            ctx.settle(billable=billable)

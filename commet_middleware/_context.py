@@ -326,7 +326,7 @@ class RequestContext:
         sent = 0
         unattributed = 0
         for item in pending:
-            customer = item.customer_id or self.customer()
+            customer = item.customer_id or self.customer_id or self.customer()
             if customer is None:
                 unattributed += 1
                 continue
@@ -343,6 +343,28 @@ class RequestContext:
             if self.stats is not None:
                 self.stats.add("unattributed_requests")
         return sent
+
+    def settle_with_usage(self, feature: str) -> None:
+        """Settle a billable request that also uses one unit of ``feature`` (zero-code metering).
+
+        What ``record(feature, 1, None)`` then ``settle(billable=True)`` do, in one step when
+        nothing else is pending (the common zero-code request): one lock, no pending list.
+        """
+        customer = self.customer_id
+        if customer is not None and not (self.pending or self.quota_pending or self.settled):
+            with self._lock:
+                simple = not (self.pending or self.quota_pending or self.settled)
+                if simple:
+                    self.settled = True
+                    self.billable_after_settle = True
+                    ordinal = self.ordinals.get(feature, 0) + 1
+                    self.ordinals[feature] = ordinal
+            if simple:
+                key = derive_idempotency_key(self.key_seed, feature, ordinal)
+                self._enqueue(PendingUsage(feature, 1, None, key, utc_timestamp()), customer)
+                return
+        self.record(feature, 1, None)
+        self.settle(billable=True)
 
     def add_quota(self, change: PendingQuota) -> None:
         """Hold a quota change until the response is known; a direct context settles it now.
@@ -405,13 +427,14 @@ class RequestContext:
     def _enqueue(self, item: PendingUsage, customer: str) -> bool:
         try:
             # Feature, value and properties were validated when recorded; the customer is new.
+            properties = item.properties
             event = UsageEvent(
                 customer_id=validate_customer_id(customer),
                 feature=item.feature,
                 value=item.value,
                 idempotency_key=item.idempotency_key,
                 timestamp=item.timestamp,
-                properties=validate_properties(item.properties),
+                properties=() if properties is None else validate_properties(properties),
             )
         except ValueError:
             logger.exception("commet: could not build usage event for %r; not billed", item.feature)
@@ -567,7 +590,8 @@ class MeteringRules:
         """Return True when ``exclude`` names ``path`` (or a path above it, or a matching glob)."""
         if path in self._excluded_paths or path.startswith(self._excluded_prefixes):
             return True
-        return any(fnmatch.fnmatchcase(path, glob) for glob in self._excluded_globs)
+        globs = self._excluded_globs
+        return bool(globs) and any(fnmatch.fnmatchcase(path, glob) for glob in globs)
 
     def zero_code_feature(
         self,
@@ -606,6 +630,8 @@ class MeteringRules:
         """Return True when a response with ``status`` is billed; a failing hook says no."""
         if status is None:
             return False
+        if self.bill_status is _default_bill_status:
+            return status < 400
         try:
             return bool(self.bill_status(status))
         except Exception:

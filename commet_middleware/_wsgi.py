@@ -290,8 +290,9 @@ class _WSGICall:
         if self.started and not complete and not self.rejected:
             self.mw.stats.add("incomplete_responses")
         if billable and self.feature is not None:
-            ctx.record(self.feature, 1, None)
-        ctx.settle(billable=billable)
+            ctx.settle_with_usage(self.feature)
+        else:
+            ctx.settle(billable=billable)
 
     def settle_before_last_chunk(self) -> None:
         """Settle a billable response before its last chunk is handed to the server."""
