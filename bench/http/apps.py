@@ -6,25 +6,35 @@ and case it builds comes from the environment the runner sets:
     BENCH_FRAMEWORK  starlette | fastapi | flask
     BENCH_CASE       a key of CASES
     BENCH_SINK_URL   http://127.0.0.1:PORT, where every vendor URL points
+    BENCH_SPOOL_DIR  a fresh directory per run, for the spool cases' files
 
-Adding a case (``quota_guard_warm``, ``spool_on``...) is one entry in ``CASES``: how to install
-it on the framework's app, an optional decorator for the endpoint, and whether each request
-must deliver one Commet event (the runner then checks that every one arrived).
+Adding a case is one entry in ``CASES``: how to install it on the framework's app, an optional
+decorator for the endpoint, and what each 2xx response must bill (``expects``: the runner then
+checks the sink's matching quantity against the 2xx count).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from commet_middleware import CommetMiddleware, CommetSettings, CommetWSGIMiddleware, metered
+from commet_middleware import (
+    CommetMiddleware,
+    CommetSettings,
+    CommetWSGIMiddleware,
+    metered,
+    quota_guard,
+)
 from commet_middleware.customers import from_header
 
 FRAMEWORKS = ("starlette", "fastapi", "flask")
 ASGI_FRAMEWORKS = frozenset({"starlette", "fastapi"})
 FEATURE = "api_calls"
+# A quota feature (bench/http/catalogue.toml) for the quota_guard cases.
+QUOTA_FEATURE = "tasks"
 CUSTOMER = "bench_customer"
 CUSTOMER_HEADER = "X-Customer-Id"
 PATH = "/hello"
@@ -34,6 +44,10 @@ MOESIF_APP_ID = "bench-application-id"
 
 Endpoint = Callable[..., Any]
 Decorator = Callable[[Endpoint], Endpoint]
+# What every 2xx response must bill, as the sink's stats name it: one usage event
+# ("commet_events"), one unit of usage however it was batched ("usage_total": aggregation sums
+# many requests into one event), or one unit added to a quota ("quota_added").
+Expects = Literal["commet_events", "usage_total", "quota_added"]
 
 
 @dataclass(frozen=True)
@@ -41,13 +55,13 @@ class Case:
     """One benchmarked configuration of an app.
 
     ``install(app, framework, sink_url)`` adds the middleware (or SDK) to the framework's app
-    object; ``decorate`` wraps the endpoint; ``commet_events`` says each 2xx response must
-    deliver exactly one Commet usage event to the sink.
+    object; ``decorate`` wraps the endpoint; ``expects`` names the sink quantity that each 2xx
+    response must raise by exactly one (None: nothing is checked).
     """
 
     install: Callable[[Any, str, str], None] | None = None
     decorate: Decorator | None = None
-    commet_events: bool = False
+    expects: Expects | None = None
     # A peer SDK that might not be installed: the runner skips the case when it is missing.
     requires: str | None = None
 
@@ -110,10 +124,8 @@ def _metered_middleware(app: Any, framework: str, sink_url: str) -> None:
     )
 
 
-# Aggregation on: usage events of one customer and feature summed over half a second. The sink
-# counts distinct idempotency keys, so "events delivered" is one per window, not one per 2xx;
-# checking these cases needs the summed value (= number of 2xx), which the sink does not report
-# yet: hence commet_events=False.
+# Aggregation on: usage events of one customer and feature summed over half a second, so the
+# sink sees one event per window; the sum of their values is what each 2xx must raise by one.
 AGGREGATE_WINDOW = 0.5
 
 
@@ -141,6 +153,32 @@ def _metered_agg(app: Any, framework: str, sink_url: str) -> None:
     add_middleware(app, framework, CommetMiddleware, CommetWSGIMiddleware, **_aggregating(sink_url))
 
 
+def _spool_path() -> str:
+    # One file per serving process, in the directory the runner makes (and removes) per run.
+    directory = os.environ.get("BENCH_SPOOL_DIR") or tempfile.mkdtemp(prefix="commet-bench-")
+    return os.path.join(directory, f"spool-{os.getpid()}.sqlite3")
+
+
+def _spool_on(app: Any, framework: str, sink_url: str) -> None:
+    add_middleware(
+        app,
+        framework,
+        CommetMiddleware,
+        CommetWSGIMiddleware,
+        **commet_options(sink_url, meter=FEATURE, spool_path=_spool_path()),
+    )
+
+
+def _spool_on_agg(app: Any, framework: str, sink_url: str) -> None:
+    add_middleware(
+        app,
+        framework,
+        CommetMiddleware,
+        CommetWSGIMiddleware,
+        **_aggregating(sink_url, meter=FEATURE, spool_path=_spool_path()),
+    )
+
+
 def _apitally(app: Any, framework: str, sink_url: str) -> None:
     import importlib
 
@@ -153,11 +191,11 @@ def _moesif(app: Any, framework: str, sink_url: str) -> None:
     # Both SDKs read the API base URL from the BASE_URI setting (default https://api.moesif.net).
     settings = {"APPLICATION_ID": MOESIF_APP_ID, "BASE_URI": sink_url, "LOG_BODY": False}
     if framework in ASGI_FRAMEWORKS:
-        from moesifasgi import MoesifMiddleware as MoesifASGI
+        from moesifasgi import MoesifMiddleware as MoesifASGI  # type: ignore[import-untyped]
 
         app.add_middleware(MoesifASGI, settings=settings)
     else:
-        from moesifwsgi import MoesifMiddleware as MoesifWSGI
+        from moesifwsgi import MoesifMiddleware as MoesifWSGI  # type: ignore[import-untyped]
 
         app.wsgi_app = MoesifWSGI(app.wsgi_app, settings)
 
@@ -165,13 +203,23 @@ def _moesif(app: Any, framework: str, sink_url: str) -> None:
 CASES: dict[str, Case] = {
     "bare": Case(),
     "passthrough": Case(install=_passthrough),
-    "zero_code": Case(install=_zero_code, commet_events=True),
-    "metered": Case(install=_metered_middleware, decorate=metered(FEATURE), commet_events=True),
-    "zero_code_agg": Case(install=_zero_code_agg),
-    "metered_agg": Case(install=_metered_agg, decorate=metered(FEATURE)),
+    "zero_code": Case(install=_zero_code, expects="commet_events"),
+    "metered": Case(
+        install=_metered_middleware, decorate=metered(FEATURE), expects="commet_events"
+    ),
+    "zero_code_agg": Case(install=_zero_code_agg, expects="usage_total"),
+    "metered_agg": Case(install=_metered_agg, decorate=metered(FEATURE), expects="usage_total"),
+    # The quota cache is warm once the runner's warm-up has run: one read, then a read per TTL.
+    "quota_guard_warm": Case(
+        install=_metered_middleware, decorate=quota_guard(QUOTA_FEATURE), expects="quota_added"
+    ),
+    "quota_guard_warm_agg": Case(
+        install=_metered_agg, decorate=quota_guard(QUOTA_FEATURE), expects="quota_added"
+    ),
+    "spool_on": Case(install=_spool_on, expects="commet_events"),
+    "spool_on_agg": Case(install=_spool_on_agg, expects="usage_total"),
     "apitally": Case(install=_apitally, requires="apitally"),
     "moesif": Case(install=_moesif, requires="moesifasgi"),
-    # The lead adds "quota_guard_warm" and "spool_on" here.
 }
 
 

@@ -1,7 +1,7 @@
 """Side by side over real HTTP: what each middleware costs a hello-world endpoint under wrk.
 
     ./dev bench http [--duration 10] [--rounds 3] [--frameworks starlette,fastapi,flask]
-                     [--cases bare,passthrough,zero_code,metered,apitally,moesif]
+                     [--cases bare,passthrough,zero_code,metered,apitally,moesif,...]
 
 Servers: uvicorn (1 worker, httptools, no access log) for Starlette and FastAPI; gunicorn with
 one sync worker (``flask-sync``) and one gthread worker with 4 threads (``flask-gthread``) for
@@ -10,10 +10,11 @@ points at the sink (``bench.http.sink``), so our cases deliver their events for 
 measured run and the figure includes the background sender's CPU.
 
 Per server run: start, warm up (wrk, not measured), wait for the sink to go quiet, take the
-sink's count, measure (wrk ``--latency``), read the server's peak RSS (VmHWM), wait for the
-events to arrive, stop the server gracefully (SIGTERM: lifespan shutdown or gunicorn's
+sink's counters, measure (wrk ``--latency``), read the server's peak RSS (VmHWM), wait for the
+billing to arrive, stop the server gracefully (SIGTERM: lifespan shutdown or gunicorn's
 graceful stop flush the queue), then compare what wrk saw answered 2xx with what the sink
-received. wrk stops counting at the end of the duration while up to ``--connections`` requests
+received: the quantity the case ``expects`` (usage events, the usage total, units added to a
+quota). wrk stops counting at the end of the duration while up to ``--connections`` requests
 are still in flight on the server (served and billed, never counted by wrk), so the check is
 ``ok <= delivered <= ok + connections + socket errors``.
 
@@ -30,12 +31,14 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -55,6 +58,15 @@ STACKS = {
     "flask-gthread": ["flask-gthread"],
 }
 DEFAULT_CASES = "bare,passthrough,zero_code,metered,apitally,moesif"
+# The sink's counters (bench/http/sink.py); a case's ``expects`` is one of them.
+COUNTERS = (
+    "commet_events",
+    "usage_total",
+    "duplicate_events",
+    "quota_added",
+    "quota_fetches",
+    "duplicate_quota_changes",
+)
 
 
 @dataclass
@@ -71,12 +83,16 @@ class Run:
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     rss_mb: float = 0.0
-    delivered: int | None = None  # Commet events that reached the sink
+    expects: str | None = None  # the sink counter each 2xx must raise by one (Case.expects)
+    delivered: float | None = None  # how much that counter rose during the run
+    sink: dict[str, float] = field(default_factory=dict)  # how much every counter rose
     sink_requests: int = 0  # every request the sink got during the run (peers: exports)
+    commet_requests: int = 0  # of which to Commet's API (/api/...): events, quota reads, adds
     sink_paths: dict[str, int] = field(default_factory=dict)
     check: str = ""
     refused: int = 0  # events the server logged as NOT delivered (queue full)
     unflushed: int = 0  # events the server logged as undelivered when its close timed out
+    spool_left: int = 0  # rows still in the spool files after the server stopped
     notes: list[str] = field(default_factory=list)
 
 
@@ -90,41 +106,66 @@ def pinned(core: str, argv: list[str]) -> list[str]:
     return ["taskset", "-c", core, *argv]
 
 
-def sink_stats(sink_url: str) -> dict[str, object]:
+@dataclass(frozen=True)
+class SinkSnapshot:
+    """The sink's counters (``COUNTERS``) and its requests per path at one moment."""
+
+    counters: dict[str, float]
+    paths: dict[str, int]
+
+    @property
+    def requests(self) -> int:
+        return sum(self.paths.values())
+
+    def since(self, base: SinkSnapshot) -> SinkSnapshot:
+        """What changed from ``base`` to this snapshot (paths that did not move are left out)."""
+        return SinkSnapshot(
+            {name: value - base.counters[name] for name, value in self.counters.items()},
+            {
+                path: n - base.paths.get(path, 0)
+                for path, n in self.paths.items()
+                if n != base.paths.get(path, 0)
+            },
+        )
+
+
+def sink_snapshot(sink_url: str) -> SinkSnapshot:
     with urllib.request.urlopen(sink_url + "/__bench/stats", timeout=5) as response:
-        data: dict[str, object] = json.loads(response.read())
-        return data
-
-
-def sink_counts(sink_url: str) -> tuple[int, int]:
-    """Return (Commet events, all requests) the sink has seen."""
-    stats = sink_stats(sink_url)
+        stats = json.loads(response.read())
     requests = stats["requests"]
     assert isinstance(requests, dict)
-    events = stats["commet_events"]
-    assert isinstance(events, int)
-    return events, sum(requests.values())
+    return SinkSnapshot(
+        {name: stats[name] for name in COUNTERS},
+        {str(path): int(n) for path, n in requests.items()},
+    )
 
 
-def sink_paths(sink_url: str) -> dict[str, int]:
-    """Return how many requests the sink got per path."""
-    requests = sink_stats(sink_url)["requests"]
-    assert isinstance(requests, dict)
-    return {str(path): int(n) for path, n in requests.items()}
-
-
-def wait_quiet(sink_url: str, *, at_least: int = 0, quiet: float = 1.0, limit: float = 30.0) -> int:
-    """Wait until the sink holds ``at_least`` events and its count stopped moving; return it."""
+def wait_quiet(
+    sink_url: str,
+    *,
+    expects: str | None = None,
+    at_least: float = 0,
+    quiet: float = 1.0,
+    stalled: float = 5.0,
+    limit: float = 30.0,
+) -> SinkSnapshot:
+    """Wait until the sink's ``expects`` counter reached ``at_least`` and nothing has moved for
+    ``quiet`` seconds; or nothing moved for ``stalled`` seconds (what is missing was refused, or
+    waits in a retry that the server's graceful stop flushes); or ``limit`` ran out. Return the
+    last snapshot."""
     deadline = time.monotonic() + limit
-    last, since = sink_counts(sink_url), time.monotonic()
+    last, since = sink_snapshot(sink_url), time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(0.1)
-        now = sink_counts(sink_url)
+        now = sink_snapshot(sink_url)
         if now != last:
             last, since = now, time.monotonic()
-        elif last[0] >= at_least and time.monotonic() - since >= quiet:
+            continue
+        still = time.monotonic() - since
+        reached = expects is None or last.counters[expects] >= at_least
+        if (reached and still >= quiet) or still >= stalled:
             break
-    return last[0]
+    return last
 
 
 def start_sink(port: int, emulator: str | None) -> subprocess.Popen[str]:
@@ -135,7 +176,7 @@ def start_sink(port: int, emulator: str | None) -> subprocess.Popen[str]:
     deadline = time.monotonic() + 15
     while True:
         try:
-            sink_counts(f"http://127.0.0.1:{port}")
+            sink_snapshot(f"http://127.0.0.1:{port}")
             return process
         except OSError:
             if time.monotonic() > deadline or process.poll() is not None:
@@ -254,34 +295,51 @@ def py_spy(pid: int, out: Path, duration: float) -> subprocess.Popen[str]:
 
 
 def run_case(stack: str, case: str, round_: int, args: argparse.Namespace, sink_url: str) -> Run:
-    """Start the server, warm up, measure, wait for the events, stop it, check the sink."""
-    run = Run(stack, case, round_)
+    """Start the server, warm up, measure, wait for the billing, stop it, check the sink."""
+    run = Run(stack, case, round_, expects=CASES[case].expects)
+    with tempfile.TemporaryDirectory(prefix="commet-bench-spool-") as spool_dir:
+        server_log = serve_and_measure(run, args, sink_url, Path(spool_dir))
+        run.spool_left = spool_leftovers(Path(spool_dir), run)
+    run.refused = server_log.count("NOT delivering")
+    run.unflushed = server_log.count("undelivered at shutdown")
+    if run.expects is not None:
+        run.check = delivery_check(run, args.connections)
+    return run
+
+
+def serve_and_measure(run: Run, args: argparse.Namespace, sink_url: str, spool_dir: Path) -> str:
+    """Run the server through warm-up and measurement into ``run``; return the server's log."""
     port = free_port()
     env = {
         **os.environ,
-        "BENCH_FRAMEWORK": framework_of(stack),
-        "BENCH_CASE": case,
+        "BENCH_FRAMEWORK": framework_of(run.stack),
+        "BENCH_CASE": run.case,
         "BENCH_SINK_URL": sink_url,
+        "BENCH_SPOOL_DIR": str(spool_dir),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     with tempfile.TemporaryFile("w+") as log:
         server = subprocess.Popen(
-            pinned(SERVER_CORE, server_argv(stack, port)), cwd=ROOT, env=env, text=True, stderr=log
+            pinned(SERVER_CORE, server_argv(run.stack, port)),
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stderr=log,
         )
         profiler: subprocess.Popen[str] | None = None
         try:
-            wait_ready(port, server, stack)
-            pid = serving_pid(server, stack)
+            wait_ready(port, server, run.stack)
+            pid = serving_pid(server, run.stack)
             wrk(port, args.warmup, args.connections, latency=False)
-            base_events, base_requests = wait_quiet(sink_url), sink_counts(sink_url)[1]
-            base_paths = sink_paths(sink_url)
-            if args.py_spy and case in args.profile_cases:
-                out = Path(args.py_spy) / f"{stack}-{case}-r{round_}.txt"
+            base = wait_quiet(sink_url)
+            if args.py_spy and run.case in args.profile_cases:
+                out = Path(args.py_spy) / f"{run.stack}-{run.case}-r{run.round}.txt"
                 profiler = py_spy(pid, out, args.duration)
             parse_wrk(wrk(port, args.duration, args.connections, latency=True), run)
             run.rss_mb = peak_rss_mb(pid)
-            expects_events = CASES[case].commet_events
-            wait_quiet(sink_url, at_least=base_events + run.ok if expects_events else 0, quiet=1.0)
+            if run.expects is not None:
+                at_least = base.counters[run.expects] + run.ok
+                wait_quiet(sink_url, expects=run.expects, at_least=at_least)
         finally:
             server.send_signal(signal.SIGTERM)
             try:
@@ -294,36 +352,52 @@ def run_case(stack: str, case: str, round_: int, args: argparse.Namespace, sink_
                 profiler.wait(30)
         log.seek(0)
         server_log = log.read()
-    run.refused = server_log.count("NOT delivering")
-    run.unflushed = server_log.count("undelivered at shutdown")
     if server.returncode not in (0, -signal.SIGTERM) or "Traceback" in server_log:
         run.notes.append(f"server exit {server.returncode}: {server_log[-2000:]}")
-    events = wait_quiet(sink_url, quiet=0.5, limit=10)
-    run.sink_requests = sink_counts(sink_url)[1] - base_requests
-    run.sink_paths = {
-        path: n - base_paths.get(path, 0)
-        for path, n in sink_paths(sink_url).items()
-        if n != base_paths.get(path, 0)
-    }
-    if CASES[case].commet_events:
-        run.delivered = events - base_events
-        run.check = delivery_check(run, args.connections)
-    return run
+    delta = wait_quiet(sink_url, quiet=0.5, limit=10).since(base)
+    run.sink = delta.counters
+    run.sink_paths = delta.paths
+    run.sink_requests = delta.requests
+    run.commet_requests = sum(n for path, n in delta.paths.items() if path.startswith("/api/"))
+    if run.expects is not None:
+        run.delivered = delta.counters[run.expects]
+    return server_log
+
+
+def spool_leftovers(spool_dir: Path, run: Run) -> int:
+    """Count the rows the stopped server left in its spool files (pending or dead-lettered)."""
+    left = 0
+    for path in spool_dir.glob("*.sqlite3"):
+        try:
+            with closing(sqlite3.connect(path)) as db:
+                for table in ("pending", "dead_letter"):
+                    left += int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+        except sqlite3.Error as exc:
+            run.notes.append(f"could not read the spool {path.name}: {exc}")
+    return left
+
+
+def amount(value: float) -> str:
+    """``value`` with thousands separators; whole numbers without decimals."""
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:,.2f}"
 
 
 def delivery_check(run: Run, connections: int) -> str:
-    """``ok`` when every 2xx wrk counted reached the sink, and at most what was in flight more."""
+    """``ok`` when every 2xx wrk counted was billed at the sink, and at most what was in flight
+    more."""
     assert run.delivered is not None
     ceiling = run.ok + connections + run.socket_errors
     if run.delivered > ceiling:
-        return f"EXTRA {run.delivered - ceiling}"
+        return f"EXTRA {amount(run.delivered - ceiling)}"
     if run.delivered >= run.ok:
         return "ok"
-    check = f"MISSING {run.ok - run.delivered}"
+    check = f"MISSING {amount(run.ok - run.delivered)}"
     if run.refused:
         check += f" ({run.refused} refused: queue full)"
     if run.unflushed:
         check += f" ({run.unflushed} undelivered at shutdown)"
+    if run.spool_left:
+        check += f" ({run.spool_left} left in the spool)"
     return check
 
 
@@ -336,9 +410,9 @@ def summarise(runs: list[Run], stacks: list[str], cases: list[str]) -> str:
     for run in runs:
         by_key.setdefault((run.stack, run.case), []).append(run)
     lines = [
-        "| framework | case | req/s | vs bare | p50 ms | p99 ms | events delivered / 2xx "
-        "| check | peak RSS MB | rounds |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| framework | case | req/s | vs bare | p50 ms | p99 ms | billed / 2xx | billed as "
+        "| check | sink requests | peak RSS MB | rounds |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|",
     ]
     for stack in stacks:
         bare = {run.round: run.rps for run in by_key.get((stack, "bare"), [])}
@@ -347,21 +421,20 @@ def summarise(runs: list[Run], stacks: list[str], cases: list[str]) -> str:
             if not group:
                 continue
             ratios = [run.rps / bare[run.round] for run in group if bare.get(run.round)]
-            if group[0].delivered is not None:
+            expects = group[0].expects
+            if expects is not None:
                 delivered = sum(run.delivered or 0 for run in group)
-                events = f"{delivered:,} / {sum(run.ok for run in group):,}"
-                checks = sorted({run.check for run in group})
-                check = ", ".join(checks)
+                billed = f"{amount(delivered)} / {sum(run.ok for run in group):,}"
+                check = ", ".join(sorted({run.check for run in group}))
             else:
-                exports = sum(run.sink_requests for run in group)
-                events = (
-                    f"n/a ({exports:,} exports)" if case not in ("bare", "passthrough") else "-"
-                )
-                check = "-"
+                # Peers bill nothing we can count: their requests to the sink are exports.
+                billed = "n/a" if case not in ("bare", "passthrough") else "-"
+                expects, check = "-", "-"
             lines.append(
                 f"| {stack} | {case} | {median([r.rps for r in group]):,.0f} "
                 f"| {median(ratios):.2f} | {median([r.p50_ms for r in group]):.2f} "
-                f"| {median([r.p99_ms for r in group]):.2f} | {events} | {check} "
+                f"| {median([r.p99_ms for r in group]):.2f} | {billed} | {expects} | {check} "
+                f"| {sum(run.sink_requests for run in group):,} "
                 f"| {median([r.rss_mb for r in group]):.0f} | {len(group)} |"
             )
     return "\n".join(lines)
@@ -423,11 +496,14 @@ def main(argv: list[str]) -> int:
                 for case in cases[shift:] + cases[:shift]:
                     run = run_case(stack, case, round_, args, sink_url)
                     runs.append(run)
-                    delivered = "" if run.delivered is None else f" events {run.delivered}"
+                    delivered = (
+                        "" if run.delivered is None else f" {run.expects} {amount(run.delivered)}"
+                    )
                     print(
-                        f"round {round_} {stack:<13} {case:<12} {run.rps:>9,.0f} req/s "
+                        f"round {round_} {stack:<13} {case:<20} {run.rps:>9,.0f} req/s "
                         f"p50 {run.p50_ms:.2f} ms p99 {run.p99_ms:.2f} ms 2xx {run.ok}"
-                        f"{delivered} {run.check} rss {run.rss_mb:.0f} MB " + " ".join(run.notes),
+                        f"{delivered} {run.check} sink requests {run.sink_requests} "
+                        f"rss {run.rss_mb:.0f} MB " + " ".join(run.notes),
                         file=sys.stderr,
                         flush=True,
                     )
