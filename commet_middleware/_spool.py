@@ -59,6 +59,18 @@ __all__ = [
 
 DEFAULT_LEASE_SECONDS = 30.0
 _BUSY_TIMEOUT_MS = 5_000
+# Bumped in a forked child: a spool notices it was inherited without a getpid() system call
+# on every enqueue.
+_fork_generation = 0
+
+
+def _note_fork() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_note_fork)
 _SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (
@@ -206,6 +218,7 @@ class Spool:
         self.lease_seconds = lease_seconds
         self._synchronous = synchronous
         self._pid = -1
+        self._generation = -1
         self._owner = ""
         self._handles: dict[_Role, _Handle] = {}
         self._ensure_process()
@@ -220,6 +233,9 @@ class Spool:
         return self._owner
 
     def _ensure_process(self) -> None:
+        if self._generation == _fork_generation:
+            return
+        self._generation = _fork_generation
         pid = os.getpid()
         if self._pid != pid:
             # Connections and locks must not cross a fork: a child abandons the parent's.
@@ -275,7 +291,12 @@ class Spool:
         Raises ``sqlite3.Error`` (or ``OSError``) if the write failed.
         """
         now = time.time()
-        with self._use("request") as conn:
+        self._ensure_process()
+        handle = self._handles["request"]
+        with handle.lock:  # what _use does, without a generator per enqueue
+            conn = handle.conn
+            if conn is None:
+                conn = handle.conn = self._open("request")
             cursor = conn.execute(
                 "INSERT INTO pending (idempotency_key, kind, operation, dialect, body, created_at,"
                 " claimed_by, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
