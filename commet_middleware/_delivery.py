@@ -30,7 +30,8 @@ retries included; a later one taken meanwhile is parked in a per-key deque and p
 of the queue when the turn passes to it. Parked changes count as pending; ``close`` hands them
 back like the rest. Spooled rows are claimed oldest first, and once a quota change has spilled
 to the spool, later ones spill too until the sender has claimed the backlog, so none can pass
-it in memory.
+it in memory; claimed rows join the tail of the queue, so none passes a change that was placed
+in memory before it spilled.
 
 Retries: a retryable failure (transport errors, 408, 429, 5xx, ``idempotency_in_progress``) is
 queued again after ``retry_delay``: ``settings.backoff_base`` doubling per attempt up to
@@ -60,7 +61,12 @@ Aggregation (``settings.aggregate_window``, off by default): usage events of one
 feature, properties) enqueued within a window are held (counted in ``pending``, spooled as usual)
 and summed into one event when the window is sealed, by the sender (a timer in its loop) or at once
 by ``flush``, ``close`` or ``seal_now``; see ``_aggregate`` for what an aggregate is and the
-trade-off. ``close`` hands back the members of groups it could not seal and send, one by one.
+trade-off. Without a spool, quota adds of one (customer, feature) are held and summed the same
+way; a remove or set of the key seals the key's group before it joins the queue, and a quota
+aggregate takes the key's turn like any change. Refused for good, it is split: its members take
+its place at the head of the turn, each sent alone. Listeners hear of each member of a delivered
+quota aggregate. ``close`` hands back the members of groups it could not seal and send, one by
+one, and those of a quota aggregate it could not deliver.
 
 Fork: a thread that holds a lock when the process forks holds it forever in the child (an import
 lock, OpenSSL's locks while it builds an SSL context). So the HTTP stack is imported up front by
@@ -88,7 +94,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar, cast
 
-from ._aggregate import Aggregator, aggregate_events
+from ._aggregate import Aggregator, aggregate_events, aggregate_quota_adds, quota_group_key
 from ._errors import CommetAPIError, CommetError
 from ._models import Operation, QuotaChange, UsageEvent
 from ._settings import CommetSettings, Dialect
@@ -182,13 +188,16 @@ class DeliveryStats:
 class AggregationStats:
     """Aggregation counters since creation (or a fork); zeros when aggregation is off.
 
-    ``aggregated_members``: usage events taken into a group; ``aggregates_sent``: aggregates of
-    two or more members Commet accepted; ``open_members``: members whose group is not sealed yet.
+    ``aggregated_members``: usage events and quota adds taken into a group; ``aggregates_sent``:
+    aggregates of two or more members Commet accepted; ``open_members``: members whose group is
+    not sealed yet; ``aggregates_split``: quota aggregates Commet refused for good, whose members
+    were then sent one by one.
     """
 
     aggregated_members: int
     aggregates_sent: int
     open_members: int
+    aggregates_split: int = 0
 
 
 def retry_delay(
@@ -215,6 +224,21 @@ def _is_retryable(error: CommetError) -> bool:
     if isinstance(error, CommetAPIError):
         return error.status in _RETRYABLE_STATUSES or error.code in _RETRYABLE_CODES
     return False
+
+
+def _refused_outright(error: Exception) -> bool:
+    """True if ``error`` shows the operation was not applied: Commet refused it, or it never left.
+
+    A key mismatch says something *was* applied under the key, and an unexpected exception leaves
+    the outcome unknown: for neither may a quota aggregate's members be sent again on their own.
+    """
+    if isinstance(error, (ValueError, TypeError)):
+        return True
+    return (
+        isinstance(error, CommetAPIError)
+        and error.status >= 400
+        and error.code != "idempotency_key_mismatch"
+    )
 
 
 def _describe(operation: Operation) -> str:
@@ -307,7 +331,7 @@ async def _spool_call(sender: _Sender, fn: Callable[..., _T], *args: Any) -> _T:
 class _Item:
     """One operation on its way, with the bytes every attempt re-sends."""
 
-    __slots__ = ("attempts", "body", "members", "operation", "row_id", "unexpected")
+    __slots__ = ("attempts", "body", "members", "operation", "parts", "row_id", "unexpected")
 
     def __init__(self, operation: Operation) -> None:
         self.operation = operation
@@ -316,8 +340,11 @@ class _Item:
         self.unexpected = 0
         # The spool row this process holds for it (None: in memory only).
         self.row_id: int | None = None
-        # How many usage events this aggregate stands for (0: not an aggregate).
+        # How many operations this aggregate stands for (0: not an aggregate).
         self.members = 0
+        # A quota aggregate's member items, oldest first: reported one by one to the listeners,
+        # sent one by one if Commet refuses the aggregate (None: not a quota aggregate).
+        self.parts: list[_Item] | None = None
 
     @classmethod
     def from_row(cls, row: SpoolRow) -> _Item:
@@ -435,6 +462,7 @@ class DeliveryQueue:
         )
         self._aggregated_members = 0
         self._aggregates_sent = 0
+        self._aggregates_split = 0
         self._spill_warned = False
         # Per-key order of quota changes (see the module docstring): the change holding each
         # busy key's turn, and the later ones parked behind it.
@@ -464,19 +492,11 @@ class DeliveryQueue:
             if self._spool is not None:
                 self._enqueue_spooled(item, self._spool)
                 return
-            aggregator = self._aggregator if isinstance(operation, UsageEvent) else None
             with self._lock:
                 if self._pending < self._limit:
                     self._pending += 1
                     self._queued += 1
-                    if aggregator is None:
-                        self._queue.append(item)
-                        wake = self._idle
-                    else:
-                        # Held until its window is sealed; the sender needs a wake-up only when
-                        # the earliest deadline moved.
-                        wake = aggregator.add(cast("UsageEvent", operation), item) and self._idle
-                        self._aggregated_members += 1
+                    wake = self._place(item)
                     if wake:
                         self._idle = False
                     sender = self._sender
@@ -545,15 +565,10 @@ class DeliveryQueue:
             elif wake:
                 self._poke(sender)
             return
-        aggregator = None if quota else self._aggregator
         with self._lock:
-            if aggregator is None:
-                self._queue.append(item)
-                wake = self._idle
-            else:
-                # Its row is held by this process until the seal replaces it (see _seal_one).
-                wake = aggregator.add(cast("UsageEvent", item.operation), item) and self._idle
-                self._aggregated_members += 1
+            # A usage event's row is held by this process until the seal replaces it (see
+            # _seal_one); quota changes are not aggregated with a spool.
+            wake = self._place(item)
             if wake:
                 self._idle = False
             sender = self._sender
@@ -561,6 +576,26 @@ class DeliveryQueue:
             self._ensure_sender()
         elif wake:
             self._poke(sender)
+
+    def _place(self, item: _Item) -> bool:
+        """(Lock held.) Hold ``item`` in its aggregation group or queue it; True: wake the sender.
+
+        An aggregated member wakes the sender only when the earliest deadline moved.
+        """
+        operation = item.operation
+        aggregator = self._aggregator
+        if aggregator is not None:
+            # Quota adds only without a spool (see _aggregate).
+            if isinstance(operation, UsageEvent) or (
+                operation.action == "add" and self._spool is None
+            ):
+                self._aggregated_members += 1
+                return aggregator.add(operation, item) and self._idle
+            if operation.action != "add":
+                # A remove or set must not overtake the adds held before it.
+                self._seal_quota_key(operation.customer_id, operation.feature)
+        self._queue.append(item)
+        return self._idle
 
     # -- aggregation -----------------------------------------------------------------------
 
@@ -586,19 +621,52 @@ class DeliveryQueue:
         aggregator = self._aggregator
         if aggregator is None or not aggregator.members:
             return False
+        usage_groups: list[list[_Item]] = []
         with self._lock:
             groups = aggregator.take_due(everything=everything)
-        for members in groups:
+            for members in groups:
+                if isinstance(members[0].operation, QuotaChange):
+                    # In memory, under the lock that took the group: a remove or set of its key
+                    # cannot be queued in between and overtake it.
+                    self._queue_sealed(members, self._seal_quota(members))
+                else:
+                    usage_groups.append(members)
+            if groups:
+                self._idle = False
+        for members in usage_groups:
             sealed = self._seal_one(members)
             with self._lock:
                 if sealed is None:
                     self._queue.extend(members)
                 else:
-                    self._queue.append(sealed)
-                    self._pending -= len(members) - 1
-                    self._cond.notify_all()
+                    self._queue_sealed(members, sealed)
                 self._idle = False
         return bool(groups)
+
+    def _queue_sealed(self, members: list[_Item], sealed: _Item) -> None:
+        """(Lock held.) Queue the item standing for ``members``: they now count as one."""
+        self._queue.append(sealed)
+        if len(members) > 1:
+            self._pending -= len(members) - 1
+            self._cond.notify_all()
+
+    def _seal_quota_key(self, customer_id: str, feature: str) -> None:
+        """(Lock held.) Seal and queue the held adds of one key now, ahead of what follows."""
+        aggregator = self._aggregator
+        if aggregator is None or not aggregator.members:
+            return
+        for members in aggregator.take_group(quota_group_key(customer_id, feature)):
+            self._queue_sealed(members, self._seal_quota(members))
+
+    @staticmethod
+    def _seal_quota(members: list[_Item]) -> _Item:
+        """Return the item standing for the quota adds ``members`` (no spool: in memory only)."""
+        if len(members) == 1:
+            return members[0]
+        item = _Item(aggregate_quota_adds([cast("QuotaChange", m.operation) for m in members]))
+        item.members = len(members)
+        item.parts = members
+        return item
 
     def _seal_one(self, members: list[_Item]) -> _Item | None:
         """Return the item standing for ``members``; None: send them one by one instead."""
@@ -656,11 +724,11 @@ class DeliveryQueue:
                         break
                     self._cond.wait(remaining)
                 else:
-                    self._queue.append(item)
                     self._pending += 1
                     self._queued += 1
-                    wake = self._idle
-                    self._idle = False
+                    wake = self._place(item)
+                    if wake:
+                        self._idle = False
                     sender = self._sender
                     accepted = True
             if accepted:
@@ -813,11 +881,13 @@ class DeliveryQueue:
                     room = min(limit, self._limit - self._pending)
                     if room > 0:
                         # SQLite calls run off the event loop: it may be the app's.
-                        batch = await _spool_call(
+                        claimed = await _spool_call(
                             sender, self._claim_spooled, sender, self._spool, room
                         )
-                        if batch is None:
+                        if claimed is None:
                             return
+                        if claimed:
+                            continue  # queued: take them behind what the queue held
                 if not batch:
                     # Rows can appear in the spool without a wake-up (another process), and a
                     # window ends without one.
@@ -961,7 +1031,13 @@ class DeliveryQueue:
             sender.in_flight += len(batch)
             return batch
 
-    def _claim_spooled(self, sender: _Sender, spool: Spool, room: int) -> list[_Item] | None:
+    def _claim_spooled(self, sender: _Sender, spool: Spool, room: int) -> bool | None:
+        """Claim up to ``room`` spooled rows onto the tail of the queue; True if any, None: stale.
+
+        The tail, not straight to the sender: a quota change placed in the queue while the claim
+        ran (its place was reserved before these rows spilled) is older than they are, and
+        ``_take`` hands out (or parks) the changes of a key in the order it meets them.
+        """
         # The places are reserved in ``_pending`` before the rows are claimed: a flush that saw
         # nothing pending and then no claimable row cannot miss rows claimed in between.
         with self._lock:
@@ -976,7 +1052,6 @@ class DeliveryQueue:
         except Exception:
             logger.exception("commet: could not read the spool %s", spool.path)
         items = [_Item.from_row(row) for row in rows]
-        batch: list[_Item] = []
         with self._lock:
             stale = sender.retired or sender.stop_requested or self._sender is not sender
             self._pending -= room if stale else room - len(items)
@@ -984,9 +1059,7 @@ class DeliveryQueue:
                 if claimed and len(rows) < room and spills_settled and self._spill_seq == spill_seq:
                     # Every quota change spilled so far is claimed now (rows come oldest first).
                     self._quota_spilling = False
-                batch = [item for item in items if self._take_turn(item)]
-                sender.owned.update(batch)
-                sender.in_flight += len(batch)
+                self._queue.extend(items)
                 if items:
                     self._idle = False
             self._cond.notify_all()
@@ -994,7 +1067,7 @@ class DeliveryQueue:
             with contextlib.suppress(Exception):
                 spool.release([item.row_id for item in items if item.row_id is not None])
             return None
-        return batch
+        return bool(items)
 
     def _take_turn(self, item: _Item) -> bool:
         """(Lock held.) True if ``item`` may be sent now, else park it behind its key's turn."""
@@ -1049,6 +1122,9 @@ class DeliveryQueue:
                     item.body = self._encoder(item.operation, self.settings.dialect)
             except Exception as exc:
                 logger.exception("commet: could not encode %s", _describe(item.operation))
+                if item.parts:
+                    self._split(sender, item, exc)
+                    return
                 await self._settle_row(sender, item, exc)
                 self._finish(sender, item, failure=exc)
                 return
@@ -1057,6 +1133,9 @@ class DeliveryQueue:
             except Exception as exc:
                 delay = self._plan_retry(item, exc)
                 if delay is None:
+                    if item.parts and _refused_outright(exc):
+                        self._split(sender, item, exc)
+                        return
                     await self._settle_row(sender, item, exc)
                     self._finish(sender, item, failure=exc)
                     return
@@ -1159,6 +1238,9 @@ class DeliveryQueue:
                 return  # taken back by a restart or a close: someone else reports it
             sender.owned.discard(item)
             sender.in_flight -= 1
+            # A quota aggregate is reported member by member, so that a listener or hook
+            # counting our changes (the quota gate) sees each one it was handed settle.
+            operations = [part.operation for part in item.parts or [item]]
             if failure is None:
                 self._sent += 1
                 if item.members:
@@ -1166,22 +1248,58 @@ class DeliveryQueue:
                 if getattr(result, "duplicate", False):
                     self._duplicates += 1
             else:
-                self._dead_lettered += 1
+                self._dead_lettered += len(operations)
             if self._pass_turn(item):
                 sender.wakeup.set()  # we run on the sender's loop
         if failure is not None:
-            logger.error(
-                "commet: giving up on %s: %s",
-                _describe(item.operation),
-                self._redact(str(failure) or repr(failure)),
-            )
-            self._call_dead_letter(item.operation, failure)
+            for operation in operations:
+                logger.error(
+                    "commet: giving up on %s: %s",
+                    _describe(operation),
+                    self._redact(str(failure) or repr(failure)),
+                )
+                self._call_dead_letter(operation, failure)
         else:
-            self._notify_listeners(item.operation, result)
+            for operation in operations:
+                self._notify_listeners(operation, result)
         # Only now, so a flush that returns has seen the hook called too.
         with self._lock:
             self._pending -= 1
             self._cond.notify_all()
+
+    def _split(self, sender: _Sender, item: _Item, failure: Exception) -> None:
+        """A quota aggregate Commet refused (nothing applied): send its members one by one.
+
+        They take its turn, oldest first, at the head of the queue, so nothing queued behind the
+        aggregate (a remove, a set, a later add) overtakes them.
+        """
+        parts = item.parts
+        assert parts is not None
+        operation = cast("QuotaChange", item.operation)
+        key = (operation.customer_id, operation.feature)
+        with self._lock:
+            if item not in sender.owned:
+                return  # taken back by a restart or a close: someone else reports it
+            sender.owned.discard(item)
+            sender.in_flight -= 1
+            self._aggregates_split += 1
+            self._pending += len(parts) - 1
+            if self._quota_turns.get(key) is item:
+                self._quota_turns[key] = parts[0]
+                if len(parts) > 1:
+                    parked = self._quota_parked.setdefault(key, deque())
+                    parked.extendleft(reversed(parts[1:]))
+                self._queue.appendleft(parts[0])
+            else:  # pragma: no cover - an aggregate is sent only while it holds its key's turn
+                self._queue.extendleft(reversed(parts))
+            self._idle = False
+        logger.info(
+            "commet: %s refused (%s); sending its %d members one by one",
+            _describe(operation),
+            self._redact(str(failure) or repr(failure)),
+            len(parts),
+        )
+        sender.wakeup.set()  # we run on the sender's loop
 
     def _notify_listeners(self, operation: Operation, result: object) -> None:
         for listener in tuple(self._listeners):
@@ -1352,6 +1470,8 @@ class DeliveryQueue:
             leftovers.extend(self._unseal_all())
             self._pending -= len(leftovers)
             leftovers = self._keep_spooled(leftovers)
+            # An undelivered quota aggregate is reported member by member, as it was enqueued.
+            leftovers = [part for item in leftovers for part in item.parts or [item]]
             self._dead_lettered += len(leftovers)
             self._cond.notify_all()
         return sender, leftovers
@@ -1413,6 +1533,7 @@ class DeliveryQueue:
                 aggregated_members=self._aggregated_members,
                 aggregates_sent=self._aggregates_sent,
                 open_members=aggregator.members if aggregator is not None else 0,
+                aggregates_split=self._aggregates_split,
             )
 
     # -- fork --------------------------------------------------------------------------------

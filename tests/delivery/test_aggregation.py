@@ -13,6 +13,7 @@ import pytest
 from commet_middleware import CommetSettings, CommetTransportError, QuotaChange, UsageEvent
 from commet_middleware._aggregate import (
     AGGREGATE_KEY_PREFIX,
+    QUOTA_AGGREGATE_KEY_PREFIX,
     Aggregator,
     aggregate_events,
     aggregate_key,
@@ -168,10 +169,10 @@ def test_different_properties_are_not_merged(make_queue: QueueFactory) -> None:
     assert by_model == {"small": 12, "large": 12}
 
 
-def test_quota_changes_pass_through_untouched_and_in_order(
+def test_quota_changes_keep_their_order_beside_usage_groups(
     make_queue: QueueFactory, sender: FakeSender
 ) -> None:
-    """Quota changes are sent as they are, in enqueue order, without waiting for a window."""
+    """Quota changes go out in enqueue order; the adds after the remove share one aggregate."""
     queue = make_queue(aggregate_window=LONG_WINDOW)
     accepted = recorder(queue)
     changes = [
@@ -182,8 +183,14 @@ def test_quota_changes_pass_through_untouched_and_in_order(
         queue.enqueue(UsageEvent.create("cus_a", "api_calls", 1, idempotency_key=f"u{n}"))
         queue.enqueue(change)
     assert queue.flush(5)
+    # Listeners hear of every member, in order, the aggregated ones included.
     assert [op for op in accepted if isinstance(op, QuotaChange)] == changes
-    assert [key for key in sender.completed if key.startswith("q")] == ["q0", "q1", "q2", "q3"]
+    quota_keys = [key for key in sender.completed if not key.startswith(AGGREGATE_KEY_PREFIX)]
+    assert quota_keys == [
+        "q0",
+        "q1",
+        aggregate_key(["q2", "q3"], prefix=QUOTA_AGGREGATE_KEY_PREFIX),
+    ]
     usage = [op for op in accepted if isinstance(op, UsageEvent)]
     assert [op.value for op in usage] == [4]
 
