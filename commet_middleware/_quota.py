@@ -33,14 +33,14 @@ import asyncio
 import logging
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
 from ._client import AsyncCommetClient, CommetClient
 from ._errors import CommetAPIError, CommetError, CommetTransportError
+from ._keys import new_request_id
 from ._models import QuotaChange, validate_feature_code, validate_quota_count
 from ._results import QuotaAllowance
 from ._settings import CommetSettings
@@ -316,15 +316,24 @@ def _left(allowance: QuotaAllowance) -> Number | None:
 
 
 def _with_balance(allowance: QuotaAllowance, balance: Number) -> QuotaAllowance:
+    # Built field by field rather than with dataclasses.replace: this runs on every guarded
+    # request (the cache moves at commit), and replace() costs several times as much.
     if allowance.unlimited:
-        return replace(allowance, current=balance)
-    over = max(balance - allowance.included, 0)
-    return replace(
-        allowance,
-        current=balance,
-        remaining=max(allowance.included - balance, 0),
+        remaining = allowance.remaining
+        billed = allowance.billed_quantity
+    else:
+        remaining = max(allowance.included - balance, 0)
         # Billing follows the period's high-water mark: a lower balance never lowers it.
-        billed_quantity=max(allowance.billed_quantity, over),
+        billed = max(allowance.billed_quantity, balance - allowance.included, 0)
+    return QuotaAllowance(
+        allowance.feature_code,
+        balance,
+        allowance.included,
+        remaining,
+        billed,
+        allowance.unlimited,
+        allowance.overage_enabled,
+        allowance.as_of,
     )
 
 
@@ -338,7 +347,8 @@ class Reservation:
     customer_id: str
     feature: str
     count: int
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Unique across processes (a store may be shared) without uuid4's system call.
+    id: str = field(default_factory=new_request_id)
 
 
 class ReservationStore(Protocol):
