@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, TypeVar
 
 from ._models import Operation, QuotaChange, UsageEvent
@@ -68,6 +68,7 @@ __all__ = [
     "aggregate_events",
     "aggregate_key",
     "aggregate_quota_adds",
+    "build_aggregate",
     "group_key",
     "quota_group_key",
     "sum_values",
@@ -125,20 +126,42 @@ def _first_of_each_key(members: Sequence[_Op]) -> list[_Op]:
     return list(unique.values())
 
 
-def aggregate_events(members: Sequence[UsageEvent]) -> UsageEvent:
-    """Return the one event that stands for ``members`` (same customer, feature, properties).
+def build_aggregate(
+    customer_id: str,
+    feature: str,
+    properties: tuple[tuple[str, str], ...],
+    timestamp: str,
+    keyed_values: Iterable[tuple[str, int | float]],
+) -> UsageEvent:
+    """Return the one event of a group from its members' (key, value) pairs, oldest first.
 
     A key enqueued twice in one window (an app's own retry) counts once, as Commet would count it.
     """
-    unique = _first_of_each_key(members)
-    first = members[0]
+    unique: dict[str, int | float] = {}
+    for key, value in keyed_values:
+        unique.setdefault(key, value)
     return UsageEvent(
-        customer_id=first.customer_id,
-        feature=first.feature,
-        value=sum_values([member.value for member in unique]),
-        idempotency_key=aggregate_key([member.idempotency_key for member in unique]),
-        timestamp=first.timestamp,
-        properties=first.properties,
+        customer_id=customer_id,
+        feature=feature,
+        value=sum_values(list(unique.values())),
+        idempotency_key=aggregate_key(list(unique)),
+        timestamp=timestamp,
+        properties=properties,
+    )
+
+
+def aggregate_events(members: Sequence[UsageEvent]) -> UsageEvent:
+    """Return the one event that stands for ``members`` (same customer, feature, properties).
+
+    It carries the first member's timestamp; a key enqueued twice in one window counts once.
+    """
+    first = members[0]
+    return build_aggregate(
+        first.customer_id,
+        first.feature,
+        first.properties,
+        first.timestamp,
+        ((member.idempotency_key, member.value) for member in members),
     )
 
 
