@@ -244,12 +244,36 @@ class Spool:
             self._pid = pid
 
     def _open(self, role: _Role) -> sqlite3.Connection:
+        # Processes that start together (gunicorn's workers, forked at once) open the file
+        # together, and SQLite can answer "database is locked" without waiting out the busy
+        # timeout (a journal-mode change or a WAL recovery meeting another connection's): try
+        # again within the same timeout rather than lose the first enqueue's spool write.
+        deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                return self._connect(role)
+            except sqlite3.OperationalError as exc:
+                busy = "locked" in str(exc) or "busy" in str(exc)
+                if not busy or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.01)
+
+    def _connect(self, role: _Role) -> sqlite3.Connection:
         conn = sqlite3.connect(
             self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None,
             check_same_thread=False,
         )  # fmt: skip
+        try:
+            self._prepare(conn, role)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _prepare(self, conn: sqlite3.Connection, role: _Role) -> None:
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":  # reading takes no lock
+            conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         if role == "request":
             # Checkpoints (which fsync the database) run on the sender's commits, never inside
@@ -261,7 +285,6 @@ class Spool:
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-        return conn
 
     @contextmanager
     def _use(self, role: _Role = "sender") -> Iterator[sqlite3.Connection]:
