@@ -221,7 +221,10 @@ class Aggregator(Generic[_M]):
 
     def add(self, operation: Operation, member: _M) -> bool:
         """Add ``member`` to its group; True if the sender must wake (an earlier deadline)."""
-        key = group_key(operation)
+        return self.add_to(group_key(operation), member)
+
+    def add_to(self, key: GroupKey, member: _M) -> bool:
+        """Add ``member`` to the group ``key`` (see ``group_key``); True: the sender must wake."""
         group = self._open.get(key)
         wake = False
         if group is None:

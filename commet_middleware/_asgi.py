@@ -111,17 +111,18 @@ class SinkOwner:
 
             sink = DeliveryQueue(settings)
         self.sink: EventSink = sink
-        self._started = False
+        # Read without the lock on every request; start() decides under it.
+        self.started = False
         self._lock = threading.Lock()
 
     def start(self) -> None:
         """Start the owned queue once; called at lifespan startup or on the first request."""
-        if self._started:
+        if self.started:
             return
         with self._lock:
-            if self._started:
+            if self.started:
                 return
-            self._started = True
+            self.started = True
             start = getattr(self.sink, "start", None) if self.owned else None
             if start is not None:
                 try:
@@ -133,7 +134,7 @@ class SinkOwner:
         """Flush and close the owned queue, within the settings' shutdown timeout."""
         if not self.owned:
             return
-        self._started = False  # the queue stays usable; a later lifespan starts it again
+        self.started = False  # the queue stays usable; a later lifespan starts it again
         aclose = getattr(self.sink, "aclose", None)
         if aclose is None:
             return
@@ -146,7 +147,7 @@ class SinkOwner:
         """Flush and close the owned queue from sync code (WSGI, atexit)."""
         if not self.owned:
             return
-        self._started = False
+        self.started = False
         close = getattr(self.sink, "close", None)
         if close is None:
             return
@@ -299,7 +300,8 @@ class CommetMiddleware(MiddlewareSetup):
             await self.app(scope, receive, send)
             return
         # Servers and test clients that never send lifespan still get a started queue.
-        self._sinks.start()
+        if not self._sinks.started:
+            self._sinks.start()
         scope = dict(scope)
         scope["commet.applied"] = True
         await _HTTPCall(self, scope, send).run(receive)
@@ -423,9 +425,13 @@ class _HTTPCall:
                 self.body_left = left
             completes = (left is not None and left <= 0) or not message.get("more_body", False)
         elif kind == "http.response.start":
-            message = await self._start(message)
-            if self.rejected:
+            if self.ctx.customer_id is None and self.mw.customer is not None:
+                await self._learn_customer()
+            started = self._start(message)
+            if started is None:
+                await self._reject()
                 return
+            message = started
             completes = self.body_left == 0
         else:
             completes = kind == "http.response.pathsend"
@@ -445,23 +451,27 @@ class _HTTPCall:
         if settle_after:
             self._complete(billable=False)
 
-    async def _start(self, message: Message) -> Message:
-        """Take in the response start: status, customer, zero-code feature, refusals."""
+    def _start(self, message: Message) -> Message | None:
+        """Take in the response start (status, zero-code feature); None: send a refusal instead.
+
+        A plain method, not a coroutine: it runs on every request, and the one await a start
+        may need (an async customer resolver) happens in ``send`` before it.
+        """
         self.response_started = True
         ctx = self.ctx
         ctx.status = status = int(message["status"])
         mw = self.mw
-        if ctx.customer_id is None and mw.customer is not None:
-            await self._learn_customer()
-        if mw.rules.meter is not None:
+        rules = mw.rules
+        if rules.meter is not None:
             self.feature = self._zero_code_feature()
         if ctx.refusal is not None or (ctx.reject_missing_customer and self._must_reject()):
-            await self._reject()
-            return message
-        self.billable = billable = mw.rules.billable_status(status)
+            return None
+        self.billable = billable = (
+            status < 400 if rules.default_bill_status else rules.billable_status(status)
+        )
         headers = message.get("headers", ())
         self.body_left = declared_body_length(
-            str(self.scope.get("method", "GET")), status, _content_length(headers)
+            self.scope.get("method", "GET"), status, _content_length(headers)
         )
         if ctx.response_headers and billable:
             # A guard's RateLimit headers, on responses that will use the reserved units.
@@ -480,7 +490,14 @@ class _HTTPCall:
         method = str(scope.get("method", "GET")).upper()
         if rules.single_feature is not None and method != "OPTIONS":
             # One feature for every request (meter="api_calls"): only the path can exclude it.
-            return None if rules.excludes_path(scope["path"]) else rules.single_feature
+            path = scope["path"]
+            if (
+                path in rules.excluded_paths
+                or path.startswith(rules.excluded_prefixes)
+                or (rules.excluded_globs and rules.excludes_path(path))
+            ):
+                return None
+            return rules.single_feature
         route = getattr(scope.get("route"), "path", None)
         preflight = (
             method == "OPTIONS" and _header(scope, b"access-control-request-method") is not None

@@ -360,8 +360,11 @@ class RequestContext:
                     ordinal = self.ordinals.get(feature, 0) + 1
                     self.ordinals[feature] = ordinal
             if simple:
+                # The customer came from a resolver or set_customer, both of which clean or
+                # validate it, and the feature from the middleware's checked rules: the event
+                # is built as it is, without the checks _enqueue makes of recorded usage.
                 key = derive_idempotency_key(self.key_seed, feature, ordinal)
-                self._enqueue(PendingUsage(feature, 1, None, key, utc_timestamp()), customer)
+                self._hand_over(UsageEvent(customer, feature, 1, key, utc_timestamp()))
                 return
         self.record(feature, 1, None)
         self.settle(billable=True)
@@ -440,11 +443,14 @@ class RequestContext:
             logger.exception("commet: could not build usage event for %r; not billed", item.feature)
             self.count_invalid()
             return False
+        return self._hand_over(event)
+
+    def _hand_over(self, event: UsageEvent) -> bool:
         try:
             self.sink.enqueue(event)
         except Exception:
             # The contract says enqueue never raises; if a sink does, the request still succeeds.
-            logger.exception("commet: sink refused usage event %s", item.idempotency_key)
+            logger.exception("commet: sink refused usage event %s", event.idempotency_key)
             return False
         if self.stats is not None:
             self.stats.add("events_enqueued")
@@ -576,10 +582,13 @@ class MeteringRules:
         self.exclude = tuple(exclude)
         # A plain pattern excludes its path and everything under it; a glob what it matches.
         plain = [pattern for pattern in self.exclude if "*" not in pattern]
-        self._excluded_paths = frozenset(plain)
-        self._excluded_prefixes = tuple(pattern.rstrip("/") + "/" for pattern in plain)
-        self._excluded_globs = tuple(pattern for pattern in self.exclude if "*" in pattern)
+        # Public so that the middlewares' per-request checks read them without a call.
+        self.excluded_paths = frozenset(plain)
+        self.excluded_prefixes = tuple(pattern.rstrip("/") + "/" for pattern in plain)
+        self.excluded_globs = tuple(pattern for pattern in self.exclude if "*" in pattern)
         self.bill_status = bill_status or _default_bill_status
+        # status < 400, checked inline by the middlewares (no hook to call and guard).
+        self.default_bill_status = bill_status is None
         self.reject_missing_customer = on_missing_customer == "reject"
 
     def is_excluded(self, method: str, path: str, preflight: bool) -> bool:
@@ -588,9 +597,9 @@ class MeteringRules:
 
     def excludes_path(self, path: str) -> bool:
         """Return True when ``exclude`` names ``path`` (or a path above it, or a matching glob)."""
-        if path in self._excluded_paths or path.startswith(self._excluded_prefixes):
+        if path in self.excluded_paths or path.startswith(self.excluded_prefixes):
             return True
-        globs = self._excluded_globs
+        globs = self.excluded_globs
         return bool(globs) and any(fnmatch.fnmatchcase(path, glob) for glob in globs)
 
     def zero_code_feature(
@@ -647,10 +656,14 @@ def declared_body_length(method: str, status: int | None, content_length: str | 
     last declared byte); None otherwise: a chunked or close-delimited body, which the server
     ends only after the app's last message or chunk.
     """
-    if method.upper() == "HEAD" or (status is not None and (status < 200 or status in (204, 304))):
+    if (status is not None and (status < 200 or status == 204 or status == 304)) or (
+        method != "GET" and method.upper() == "HEAD"
+    ):
         return 0
     if content_length is None:
         return None
+    if content_length.isdigit():
+        return int(content_length)
     value = content_length.strip()
     return int(value) if value.isdigit() else None
 

@@ -366,20 +366,6 @@ _Packed = tuple[
 _Member = _Item | _Packed
 
 
-def _pack(item: _Item) -> _Packed:
-    event = cast("UsageEvent", item.operation)
-    return (
-        event.customer_id,
-        event.feature,
-        event.value,
-        event.idempotency_key,
-        event.timestamp,
-        event.properties,
-        item.row_id,
-        item.body,
-    )
-
-
 def _unpack(member: _Member) -> _Item:
     if isinstance(member, _Item):
         return member
@@ -523,15 +509,15 @@ class DeliveryQueue:
         try:
             if self._generation != _fork_generation:
                 self._reset_after_fork()
-            item = _Item(operation)
             if self._spool is not None:
-                self._enqueue_spooled(item, self._spool)
+                self._enqueue_spooled(_Item(operation), self._spool)
                 return
             with self._lock:
                 if self._pending < self._limit:
                     self._pending += 1
                     self._queued += 1
-                    wake = self._place(item)
+                    # No item yet: an aggregated usage event waits as a tuple (see _Packed).
+                    wake = self._place(operation, None)
                     if wake:
                         self._idle = False
                     sender = self._sender
@@ -539,7 +525,7 @@ class DeliveryQueue:
                 else:
                     full = True
             if full:
-                self._overflow(item)
+                self._overflow(_Item(operation))
             elif sender is None or not sender.alive():
                 self._ensure_sender()
             elif wake:
@@ -603,7 +589,7 @@ class DeliveryQueue:
         with self._lock:
             # A usage event's row is held by this process until the seal replaces it (see
             # _seal_one); quota changes are not aggregated with a spool.
-            wake = self._place(item)
+            wake = self._place(item.operation, item)
             if wake:
                 self._idle = False
             sender = self._sender
@@ -612,25 +598,36 @@ class DeliveryQueue:
         elif wake:
             self._poke(sender)
 
-    def _place(self, item: _Item) -> bool:
-        """(Lock held.) Hold ``item`` in its aggregation group or queue it; True: wake the sender.
+    def _place(self, operation: Operation, item: _Item | None) -> bool:
+        """(Lock held.) Hold ``operation`` in its aggregation group or queue it; True: wake the
+        sender. ``item`` is its spooled item, if it has one (else made here when needed).
 
         An aggregated member wakes the sender only when the earliest deadline moved.
         """
-        operation = item.operation
         aggregator = self._aggregator
         if aggregator is not None:
-            # Quota adds only without a spool (see _aggregate).
             if isinstance(operation, UsageEvent):
                 self._aggregated_members += 1
-                return aggregator.add(operation, _pack(item)) and self._idle
+                group = (operation.customer_id, operation.feature, operation.properties)
+                packed: _Packed = (
+                    operation.customer_id,
+                    operation.feature,
+                    operation.value,
+                    operation.idempotency_key,
+                    operation.timestamp,
+                    operation.properties,
+                    None if item is None else item.row_id,
+                    None if item is None else item.body,
+                )
+                return aggregator.add_to(group, packed) and self._idle
+            # Quota adds only without a spool (see _aggregate).
             if operation.action == "add" and self._spool is None:
                 self._aggregated_members += 1
-                return aggregator.add(operation, item) and self._idle
+                return aggregator.add(operation, item or _Item(operation)) and self._idle
             if operation.action != "add":
                 # A remove or set must not overtake the adds held before it.
                 self._seal_quota_key(operation.customer_id, operation.feature)
-        self._queue.append(item)
+        self._queue.append(item or _Item(operation))
         return self._idle
 
     # -- aggregation -----------------------------------------------------------------------
@@ -767,7 +764,7 @@ class DeliveryQueue:
                 else:
                     self._pending += 1
                     self._queued += 1
-                    wake = self._place(item)
+                    wake = self._place(item.operation, item)
                     if wake:
                         self._idle = False
                     sender = self._sender

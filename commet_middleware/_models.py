@@ -36,6 +36,8 @@ QuotaAction = Literal["add", "remove", "set"]
 # The formatted date and time of the last second a timestamp was made in: every event made
 # within one second shares it (the request path makes one timestamp per usage event).
 _stamp_second: tuple[int, str] = (-1, "")
+# ".000Z" to ".999Z", looked up rather than formatted on every event.
+_MILLISECONDS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 def utc_timestamp(moment: datetime | None = None) -> str:
@@ -53,7 +55,8 @@ def utc_timestamp(moment: datetime | None = None) -> str:
     if cached != second:
         prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _stamp_second = (second, prefix)
-    return f"{prefix}.{int((now - second) * 1000):03d}Z"
+    # min(): a fraction just under 1 can round up to 1000.0 once multiplied.
+    return prefix + _MILLISECONDS[min(int((now - second) * 1000), 999)]
 
 
 def validate_feature_code(feature: object) -> str:
