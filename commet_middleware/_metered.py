@@ -12,6 +12,7 @@ import wrapt
 from ._context import (
     CustomerRequiredError,
     RequestContext,
+    _current,
     default_sink,
     get_current_context,
 )
@@ -74,9 +75,12 @@ def metered(
     elif customer is not None and not callable(customer):
         raise TypeError(f"customer must be a str or a callable, got {type(customer).__name__}")
 
+    # A constant value and no properties were validated above: each call records them as they are.
+    constant_value = None if callable(value) or properties is not None else value
+
     def prepare(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[RequestContext, str | None]:
-        explicit = _explicit_customer(customer, args, kwargs)
-        ctx = get_current_context()
+        explicit = None if customer is None else _explicit_customer(customer, args, kwargs)
+        ctx = _current.get()
         if ctx is None:
             if explicit is None:
                 raise CustomerRequiredError(
@@ -97,7 +101,10 @@ def metered(
         return ctx, explicit
 
     def finish(ctx: RequestContext, explicit: str | None, result: object) -> None:
-        _record(ctx, feature, value, properties, result, explicit)
+        if constant_value is not None:
+            ctx.record(feature, constant_value, None, explicit)
+        else:
+            _record(ctx, feature, value, properties, result, explicit)
 
     def sync_wrapper(
         wrapped: Callable[..., Any], instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]

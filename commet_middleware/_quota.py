@@ -554,10 +554,11 @@ class QuotaStats:
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(_COUNTERS, 0)
 
-    def add(self, name: str, n: int = 1) -> None:
-        """Add ``n`` to the counter ``name``."""
+    def add(self, *names: str) -> None:
+        """Add one to each counter named (one lock for all: a check counts three)."""
         with self._lock:
-            self._counts[name] += n
+            for name in names:
+                self._counts[name] += 1
 
     def snapshot(self) -> dict[str, int]:
         """Return a copy of every counter."""
@@ -602,6 +603,8 @@ class QuotaGate:
         # Reading the allowance and reserving against it must not interleave with a commit
         # moving units from "in flight" to "balance", or one unit could be counted in neither.
         self._ledger_lock = threading.Lock()
+        # Feature codes already validated: a guard checks the same few on every request.
+        self._checked_features: set[str] = set()
         # Our quota changes handed to delivery and not yet confirmed, per (customer, feature):
         # [how many, whether several overlapped since the count was last zero].
         self._outstanding: dict[_Key, list[int]] = {}
@@ -708,12 +711,15 @@ class QuotaGate:
         The cached balance moves by ``count`` at once, so the next check is warm and exact.
         Raises ``ValueError`` if the reservation was already committed or released.
         """
-        change = QuotaChange.create(
+        if not idempotency_key:
+            raise ValueError("an idempotency key is required: it is what makes a retry safe")
+        # The reservation's customer, feature and count were checked when it was made.
+        change = QuotaChange(
             reservation.customer_id,
             reservation.feature,
             "add",
             reservation.count,
-            idempotency_key=idempotency_key,
+            idempotency_key,
         )
         with self._ledger_lock:
             if not self.store.commit(reservation):
@@ -794,14 +800,18 @@ class QuotaGate:
         self, customer_id: str | None, feature: str, count: int, on_unavailable: str
     ) -> str | QuotaDecision:
         # Programming errors raise; everything about the customer becomes a decision.
-        validate_feature_code(feature)
+        if feature not in self._checked_features:
+            self._checked_features.add(validate_feature_code(feature))
         validate_quota_count(count)
         if on_unavailable not in ("open", "closed"):
             raise ValueError(f"on_unavailable must be 'open' or 'closed', got {on_unavailable!r}")
-        self.stats.add("checks")
+        # "checks" is counted with the outcome, in one lock (_finish, _refuse).
         if not isinstance(customer_id, str) or not customer_id.strip():
             return self._refuse(
-                QuotaDecision(allowed=False, feature=feature, count=count, code="customer_required")
+                QuotaDecision(
+                    allowed=False, feature=feature, count=count, code="customer_required"
+                ),
+                counted=("checks",),
             )
         return customer_id
 
@@ -815,9 +825,16 @@ class QuotaGate:
         on_unavailable: OnUnavailable,
     ) -> QuotaDecision:
         if isinstance(lookup, AllowanceLookup):
-            self.stats.add("cache_hits" if lookup.source == "cache" else "cache_misses")
-            return self._decide(customer_id, feature, count, lookup.allowance, hard_limit)
-        self.stats.add("cache_misses")
+            source = "cache_hits" if lookup.source == "cache" else "cache_misses"
+            return self._decide(
+                customer_id,
+                feature,
+                count,
+                lookup.allowance,
+                hard_limit,
+                counted=("checks", source),
+            )
+        self.stats.add("checks", "cache_misses")
         if isinstance(lookup, CommetAPIError) and lookup.code in COMMET_REFUSAL_CODES:
             return self._commet_refusal(customer_id, feature, count, lookup)
         return self._unavailable(customer_id, feature, count, lookup, hard_limit, on_unavailable)
@@ -849,6 +866,7 @@ class QuotaGate:
         hard_limit: bool,
         *,
         stale: bool = False,
+        counted: tuple[str, ...] = (),
     ) -> QuotaDecision:
         with self._ledger_lock:
             # Re-read under the lock: a commit since the lookup moved units from "in flight"
@@ -879,9 +897,9 @@ class QuotaGate:
             stale=stale,
         )
         if decision.allowed:
-            self.stats.add("allowed")
+            self.stats.add("allowed", *counted)
             return decision
-        return self._refuse(decision)
+        return self._refuse(decision, counted=counted)
 
     def _unavailable(
         self,
@@ -939,8 +957,10 @@ class QuotaGate:
             degraded=True,
         )
 
-    def _refuse(self, decision: QuotaDecision, *, quiet: bool = False) -> QuotaDecision:
-        self.stats.add("refused")
+    def _refuse(
+        self, decision: QuotaDecision, *, quiet: bool = False, counted: tuple[str, ...] = ()
+    ) -> QuotaDecision:
+        self.stats.add("refused", *counted)
         if not quiet:
             logger.info(
                 "quota check refused (%s) for feature %r: %s more, %s remaining",
