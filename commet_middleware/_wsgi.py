@@ -117,7 +117,8 @@ class CommetWSGIMiddleware(MiddlewareSetup):
         if environ.get("commet.applied"):
             return self.app(environ, start_response)
         environ["commet.applied"] = True
-        self._sinks.start()
+        if not self._sinks.started:
+            self._sinks.start()
         return _WSGICall(self, environ, start_response).run()
 
 
@@ -135,6 +136,8 @@ class _WSGICall:
         self._start_response = start_response
         self.started = False
         self.rejected = False
+        # Whether the response's status is billed; known once the response starts.
+        self.billable = False
         self.feature: str | None = None
         # Body bytes still to hand over before the client has the whole response
         # (Content-Length, 0 for HEAD/204/304), or None when only the server's end marker,
@@ -200,23 +203,37 @@ class _WSGICall:
     ) -> Write:
         self.started = True
         ctx = self.ctx
-        try:
-            ctx.status = int(status.split(None, 1)[0])
-        except ValueError:
-            ctx.status = None
+        code = status[:3]
+        if code.isdigit() and status[3:4] in ("", " "):
+            ctx.status = int(code)
+        else:
+            try:
+                ctx.status = int(status.split(None, 1)[0])
+            except ValueError:
+                ctx.status = None
         if ctx.customer_id is None:
             ctx.customer()
-        if self.mw.rules.meter is not None:
+        rules = self.mw.rules
+        if rules.meter is not None:
             self.feature = self._zero_code_feature()
         if self._must_reject():
             self._reject(exc_info)
             return _discard
+        if ctx.status is None:
+            self.billable = False
+        elif rules.default_bill_status:
+            self.billable = ctx.status < 400
+        else:
+            self.billable = rules.billable_status(ctx.status)
+        content_length = None
+        for name, value in headers:
+            if name == "Content-Length" or name.lower() == "content-length":
+                content_length = value
+                break
         self.body_left = declared_body_length(
-            str(self.environ.get("REQUEST_METHOD", "GET")),
-            ctx.status,
-            next((value for name, value in headers if name.lower() == "content-length"), None),
+            str(self.environ.get("REQUEST_METHOD", "GET")), ctx.status, content_length
         )
-        if ctx.response_headers and self.mw.rules.billable_status(ctx.status):
+        if ctx.response_headers and self.billable:
             # A guard's RateLimit headers, on responses that will use the reserved units.
             headers = [*headers, *ctx.response_headers]
         if exc_info is not None:
@@ -230,7 +247,13 @@ class _WSGICall:
         path = str(environ.get("PATH_INFO", "")) or "/"
         if rules.single_feature is not None and method != "OPTIONS":
             # One feature for every request (meter="api_calls"): only the path can exclude it.
-            return None if rules.excludes_path(path) else rules.single_feature
+            if (
+                path in rules.excluded_paths
+                or path.startswith(rules.excluded_prefixes)
+                or (rules.excluded_globs and rules.excludes_path(path))
+            ):
+                return None
+            return rules.single_feature
         # Flask (werkzeug) leaves its request, and through it the matched rule, in the environ.
         rule = getattr(getattr(environ.get("werkzeug.request"), "url_rule", None), "rule", None)
         preflight = "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ
@@ -286,7 +309,7 @@ class _WSGICall:
         ctx = self.ctx
         if ctx.settled:
             return
-        billable = complete and not self.rejected and self.mw.rules.billable_status(ctx.status)
+        billable = complete and not self.rejected and self.billable
         if self.started and not complete and not self.rejected:
             self.mw.stats.add("incomplete_responses")
         if billable and self.feature is not None:
@@ -296,7 +319,7 @@ class _WSGICall:
 
     def settle_before_last_chunk(self) -> None:
         """Settle a billable response before its last chunk is handed to the server."""
-        if not self.rejected and self.mw.rules.billable_status(self.ctx.status):
+        if not self.rejected and self.billable:
             self.finish(complete=True)
 
     def _hook_file_wrapper(self, result: object) -> bool:
