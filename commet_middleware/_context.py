@@ -198,6 +198,14 @@ class RequestContext:
     billable_after_settle: bool = False
     # What a guard refused with (sent instead of the app's response).
     refusal: Refusal | None = None
+    # What the request recorded and holds until it settles, and the RateLimit headers a guard
+    # adds to the response: tuples, empty on the class, replaced (not appended to) on the rare
+    # request that records something, so a plain request allocates none of them.
+    pending: tuple[PendingUsage, ...] = ()
+    quota_pending: tuple[PendingQuota, ...] = ()
+    response_headers: tuple[tuple[str, str], ...] = ()
+    # Operations per feature so far (the ordinal in each key); made on first use.
+    ordinals: dict[str, int] | None = None
 
     def __init__(
         self,
@@ -227,11 +235,6 @@ class RequestContext:
         self.late_resolver = late_resolver
         # The middleware's quota gate, for @quota_guard and @quota_release.
         self.gate = gate
-        self.pending: list[PendingUsage] = []
-        self.ordinals: dict[str, int] = {}
-        self.quota_pending: list[PendingQuota] = []
-        # The RateLimit headers a guard adds to the response.
-        self.response_headers: list[tuple[str, str]] = []
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -239,6 +242,11 @@ class RequestContext:
             f"<RequestContext {self.request_id} customer={self.customer_id!r} "
             f"direct={self.direct} settled={self.settled} pending={len(self.pending)}>"
         )
+
+    def add_response_headers(self, headers: Iterable[tuple[str, str]]) -> None:
+        """Add headers to the response the middleware sends (a guard's RateLimit headers)."""
+        with self._lock:
+            self.response_headers = (*self.response_headers, *headers)
 
     def customer(self) -> str | None:
         """Return the customer id, asking the resolver again if none is known yet."""
@@ -249,9 +257,16 @@ class RequestContext:
     def next_key(self, feature: str) -> str:
         """Return the idempotency key for the next operation on ``feature`` in this context."""
         with self._lock:
-            ordinal = self.ordinals.get(feature, 0) + 1
-            self.ordinals[feature] = ordinal
+            ordinal = self._next_ordinal(feature)
         return derive_idempotency_key(self.key_seed, feature, ordinal)
+
+    def _next_ordinal(self, feature: str) -> int:
+        # Lock held.
+        ordinals = self.ordinals
+        if ordinals is None:
+            ordinals = self.ordinals = {}
+        ordinal = ordinals[feature] = ordinals.get(feature, 0) + 1
+        return ordinal
 
     def count_invalid(self) -> None:
         """Count one usage value that could not be billed because it was invalid."""
@@ -291,7 +306,7 @@ class RequestContext:
             return
         with self._lock:
             if not self.settled:
-                self.pending.append(pending)
+                self.pending = (*self.pending, pending)
                 return
         # Recorded after the response was settled (e.g. in a background task that runs after
         # the body was sent): bill it now if the response was billed, else say why not.
@@ -317,8 +332,8 @@ class RequestContext:
                 return 0
             self.settled = True
             self.billable_after_settle = billable
-            pending, self.pending = self.pending, []
-            quota, self.quota_pending = self.quota_pending, []
+            pending, self.pending = self.pending, ()
+            quota, self.quota_pending = self.quota_pending, ()
         for change in quota:
             self._settle_quota(change, billable=billable)
         if not billable or not pending:
@@ -357,8 +372,7 @@ class RequestContext:
                 if simple:
                     self.settled = True
                     self.billable_after_settle = True
-                    ordinal = self.ordinals.get(feature, 0) + 1
-                    self.ordinals[feature] = ordinal
+                    ordinal = self._next_ordinal(feature)
             if simple:
                 # The customer came from a resolver or set_customer, both of which clean or
                 # validate it, and the feature from the middleware's checked rules: the event
@@ -380,7 +394,7 @@ class RequestContext:
             return
         with self._lock:
             if not self.settled:
-                self.quota_pending.append(change)
+                self.quota_pending = (*self.quota_pending, change)
                 return
         self._settle_quota(change, billable=self.billable_after_settle)
 

@@ -99,7 +99,7 @@ def quota_guard(
             ctx.add_quota(
                 PendingQuota(ctx.gate, ctx.next_key(feature), reservation=decision.reservation)
             )
-        ctx.response_headers.extend(ratelimit_headers(decision))
+        ctx.add_response_headers(ratelimit_headers(decision))
 
     def sync_wrapper(
         wrapped: Callable[..., Any], instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -174,7 +174,8 @@ class _WSGICall:
         if resolver is not None:
             environ = self.environ
             ctx.customer_id = resolve_now(resolver, environ)
-            ctx.late_resolver = lambda: resolve_now(resolver, environ)
+            if ctx.customer_id is None:  # asked again once the app has authenticated the user
+                ctx.late_resolver = lambda: resolve_now(resolver, environ)
         try:
             result = self.context.run(self.mw.app, self.environ, self.start_response)
         except (CustomerRequiredError, RequestRefusedError):
