@@ -121,16 +121,16 @@ def quota_guard(
         wrapped: Callable[..., Any], instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         ctx, gate, units = prepare(args, kwargs)
-        admit(
-            ctx,
-            await gate.acheck(
-                ctx.customer(),
-                feature,
-                units,
-                hard_limit=hard_limit,
-                on_unavailable=on_unavailable,
-            ),
+        customer = ctx.customer()
+        # A warm cache decides without the fetch machinery's coroutines.
+        decision = gate.check_cached(
+            customer, feature, units, hard_limit=hard_limit, on_unavailable=on_unavailable
         )
+        if decision is None:
+            decision = await gate.acheck(
+                customer, feature, units, hard_limit=hard_limit, on_unavailable=on_unavailable
+            )
+        admit(ctx, decision)
         return await wrapped(*args, **kwargs)
 
     return _decorator(sync_wrapper, async_wrapper)

@@ -672,6 +672,29 @@ class QuotaGate:
             lookup = _internal_error(exc)
         return self._finish(customer, feature, count, lookup, hard_limit, on_unavailable)
 
+    def check_cached(
+        self,
+        customer_id: str | None,
+        feature: str,
+        count: int = 1,
+        *,
+        hard_limit: bool = False,
+        on_unavailable: OnUnavailable = "open",
+    ) -> QuotaDecision | None:
+        """The decision :meth:`acheck` would make, when it needs no fetch; else None.
+
+        Decides from a fresh cached allowance (or refuses a missing customer) without a
+        coroutine: the async guard's path for a warm cache. None: ask :meth:`acheck`.
+        """
+        customer = self._begin(customer_id, feature, count, on_unavailable)
+        if isinstance(customer, QuotaDecision):
+            return customer
+        allowance = self.cache.fresh(customer, feature)
+        if allowance is None:
+            return None
+        counted = ("checks", "cache_hits")
+        return self._decide(customer, feature, count, allowance, hard_limit, counted=counted)
+
     async def acheck(
         self,
         customer_id: str | None,
