@@ -14,7 +14,7 @@ from commet_middleware._quota import (
 )
 from commet_middleware.testing import FakeCommet
 
-from .conftest import quota_reads
+from .conftest import FakeClock, quota_reads
 
 
 @pytest.fixture
@@ -170,3 +170,41 @@ def test_invalid_arguments_raise(gate: QuotaGate) -> None:
         gate.check("user_1", "tasks", -1)
     with pytest.raises(ValueError, match="on_unavailable"):
         gate.check("user_1", "tasks", on_unavailable="maybe")  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_check_cached_decides_only_from_a_fresh_allowance(
+    agate: QuotaGate, fake: FakeCommet, admin: CommetClient, clock: FakeClock
+) -> None:
+    """Cold or expired: None, nothing asked; warm: acheck's decision, with no request to Commet."""
+    admin.set_quota("user_1", "tasks", 3)
+    reads = quota_reads(fake)
+    assert agate.check_cached("user_1", "tasks") is None
+    assert quota_reads(fake) == reads  # a cold cache is not filled from here
+    first = await agate.acheck("user_1", "tasks")  # fetches: the cache is warm now
+    assert first.allowed and first.remaining == 1
+    reads = quota_reads(fake)
+    second = agate.check_cached("user_1", "tasks")
+    assert second is not None and second.allowed
+    assert second.remaining == 0  # the first request's unit is still held
+    assert agate.check_cached("user_1", "tasks") == QuotaDecision(
+        allowed=False,
+        feature="tasks",
+        count=1,
+        customer_id="user_1",
+        code="quota_exceeded",
+        current=3,
+        included=5,
+        remaining=0,
+        unlimited=False,
+        overage_enabled=False,
+        enforced=True,
+    )
+    assert quota_reads(fake) == reads
+    assert agate.check_cached(None, "tasks") == QuotaDecision(
+        False, "tasks", 1, code="customer_required"
+    )
+    clock.advance(5.0)
+    assert agate.check_cached("user_1", "tasks") is None  # expired: acheck must refetch
+    stats = agate.stats.snapshot()
+    assert (stats["checks"], stats["cache_hits"], stats["refused"]) == (4, 2, 2)
