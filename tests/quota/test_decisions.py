@@ -182,10 +182,12 @@ async def test_check_cached_decides_only_from_a_fresh_allowance(
     assert agate.check_cached("user_1", "tasks") is None
     assert quota_reads(fake) == reads  # a cold cache is not filled from here
     first = await agate.acheck("user_1", "tasks")  # fetches: the cache is warm now
-    assert first.allowed and first.remaining == 1
+    assert first.allowed
+    assert first.remaining == 1
     reads = quota_reads(fake)
     second = agate.check_cached("user_1", "tasks")
-    assert second is not None and second.allowed
+    assert second is not None
+    assert second.allowed
     assert second.remaining == 0  # the first request's unit is still held
     assert agate.check_cached("user_1", "tasks") == QuotaDecision(
         allowed=False,
