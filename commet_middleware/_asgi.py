@@ -493,13 +493,7 @@ class _HTTPCall:
         if rules.single_feature is not None and method != "OPTIONS":
             # One feature for every request (meter="api_calls"): only the path can exclude it.
             path = scope["path"]
-            if (
-                path in rules.excluded_paths
-                or path.startswith(rules.excluded_prefixes)
-                or (rules.excluded_globs and rules.excludes_path(path))
-            ):
-                return None
-            return rules.single_feature
+            return None if rules.excludes_path(path) else rules.single_feature
         route = getattr(scope.get("route"), "path", None)
         preflight = (
             method == "OPTIONS" and _header(scope, b"access-control-request-method") is not None

@@ -596,10 +596,9 @@ class MeteringRules:
         self.exclude = tuple(exclude)
         # A plain pattern excludes its path and everything under it; a glob what it matches.
         plain = [pattern for pattern in self.exclude if "*" not in pattern]
-        # Public so that the middlewares' per-request checks read them without a call.
-        self.excluded_paths = frozenset(plain)
-        self.excluded_prefixes = tuple(pattern.rstrip("/") + "/" for pattern in plain)
-        self.excluded_globs = tuple(pattern for pattern in self.exclude if "*" in pattern)
+        self._excluded_paths = frozenset(plain)
+        self._excluded_prefixes = tuple(pattern.rstrip("/") + "/" for pattern in plain)
+        self._excluded_globs = tuple(pattern for pattern in self.exclude if "*" in pattern)
         self.bill_status = bill_status or _default_bill_status
         # status < 400, checked inline by the middlewares (no hook to call and guard).
         self.default_bill_status = bill_status is None
@@ -611,9 +610,9 @@ class MeteringRules:
 
     def excludes_path(self, path: str) -> bool:
         """Return True when ``exclude`` names ``path`` (or a path above it, or a matching glob)."""
-        if path in self.excluded_paths or path.startswith(self.excluded_prefixes):
+        if path in self._excluded_paths or path.startswith(self._excluded_prefixes):
             return True
-        globs = self.excluded_globs
+        globs = self._excluded_globs
         return bool(globs) and any(fnmatch.fnmatchcase(path, glob) for glob in globs)
 
     def zero_code_feature(

@@ -248,13 +248,7 @@ class _WSGICall:
         path = str(environ.get("PATH_INFO", "")) or "/"
         if rules.single_feature is not None and method != "OPTIONS":
             # One feature for every request (meter="api_calls"): only the path can exclude it.
-            if (
-                path in rules.excluded_paths
-                or path.startswith(rules.excluded_prefixes)
-                or (rules.excluded_globs and rules.excludes_path(path))
-            ):
-                return None
-            return rules.single_feature
+            return None if rules.excludes_path(path) else rules.single_feature
         # Flask (werkzeug) leaves its request, and through it the matched rule, in the environ.
         rule = getattr(getattr(environ.get("werkzeug.request"), "url_rule", None), "rule", None)
         preflight = "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ
