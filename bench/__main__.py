@@ -8,6 +8,7 @@ import sys
 BENCHMARKS = {
     "delivery": "bench.delivery",
     "http": "bench.http",
+    "request_path": "bench.request_path",
     "soak": "bench.soak",
     "spool_cost": "bench.spool_cost",
 }

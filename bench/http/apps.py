@@ -200,6 +200,81 @@ def _moesif(app: Any, framework: str, sink_url: str) -> None:
         app.wsgi_app = MoesifWSGI(app.wsgi_app, settings)
 
 
+class FloorASGI:
+    """For reference, the least a billing middleware can do: the customer from a header, the
+    status from the response start, a counter bumped in a dict when a response succeeds. No
+    context for the app, no keys, nothing delivered."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.counts: dict[str, int] = {}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        customer = None
+        for name, value in scope["headers"]:
+            if name == b"x-customer-id":
+                customer = value.decode("latin-1")
+                break
+        status = 0
+
+        async def send_wrapper(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif customer and status < 400 and not message.get("more_body", False):
+                self.counts[customer] = self.counts.get(customer, 0) + 1
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
+class FloorWSGI:
+    """The WSGI counterpart of ``FloorASGI`` (counts when the app has returned its body)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        customer = environ.get("HTTP_X_CUSTOMER_ID")
+        status = [0]
+
+        def start_wrapper(line: str, headers: Any, exc_info: Any = None) -> Any:
+            status[0] = int(line[:3])
+            if exc_info is not None:
+                return start_response(line, headers, exc_info)
+            return start_response(line, headers)
+
+        body = self.app(environ, start_wrapper)
+        if customer and status[0] < 400:
+            self.counts[customer] = self.counts.get(customer, 0) + 1
+        return body
+
+
+def _floor(app: Any, framework: str, sink_url: str) -> None:
+    add_middleware(app, framework, FloorASGI, FloorWSGI)
+
+
+class DroppingSink:
+    """A sink that takes every operation and keeps none (the ladder cases deliver nothing)."""
+
+    def enqueue(self, operation: Any, /) -> None:
+        """Drop ``operation``."""
+
+
+def _ladder(**options: Any) -> Callable[[Any, str, str], None]:
+    # Our middleware with part of its work on: what each part adds, without delivery.
+    def install(app: Any, framework: str, sink_url: str) -> None:
+        add_middleware(
+            app, framework, CommetMiddleware, CommetWSGIMiddleware, sink=DroppingSink(), **options
+        )
+
+    return install
+
+
 CASES: dict[str, Case] = {
     "bare": Case(),
     "passthrough": Case(install=_passthrough),
@@ -218,6 +293,12 @@ CASES: dict[str, Case] = {
     ),
     "spool_on": Case(install=_spool_on, expects="commet_events"),
     "spool_on_agg": Case(install=_spool_on_agg, expects="usage_total"),
+    "floor": Case(install=_floor),
+    # The middleware taken apart (see bench/request_path.py): the wrapper alone, then with the
+    # customer resolver, then metering into a sink that drops the event.
+    "ladder_wrapper": Case(install=_ladder()),
+    "ladder_customer": Case(install=_ladder(customer=from_header(CUSTOMER_HEADER))),
+    "ladder_meter": Case(install=_ladder(customer=from_header(CUSTOMER_HEADER), meter=FEATURE)),
     "apitally": Case(install=_apitally, requires="apitally"),
     "moesif": Case(install=_moesif, requires="moesifasgi"),
 }

@@ -7,10 +7,14 @@ Run them explicitly:
 
 What each measures:
 - enqueue: ``DeliveryQueue.enqueue`` of one usage event while a no-op sender drains the queue
-  in its daemon thread (so the GIL is shared, as in a WSGI worker).
-- key derivation: ``derive_idempotency_key`` (sha256) and ``new_request_id`` (uuid4), both
+  in its daemon thread (so the GIL is shared, as in a WSGI worker); and the same into an
+  aggregating queue (``aggregate_window=0.5``), whose sender seals a window twice a second.
+- key derivation: ``derive_idempotency_key`` (sha256) and ``new_request_id`` (a per-process
+  nonce and a counter), both
   paid once per billed event / per request.
 - customer resolution: ``from_header`` on an ASGI scope with 10 headers, the customer's last.
+- a warm quota check: ``QuotaGate.check_cached`` from a fresh cached allowance (what
+  ``@quota_guard`` on an async endpoint does first), its reservation released again.
 - one ``@metered`` call in a request context with a list sink: set the context var, call the
   decorated function, settle (builds the ``UsageEvent``), reset.
 - per-event sender costs: encoding the request body, and httpcore's async-library sniff, which
@@ -31,6 +35,8 @@ from commet_middleware._context import RequestContext, _current
 from commet_middleware._delivery import DeliveryQueue
 from commet_middleware._keys import derive_idempotency_key, new_request_id
 from commet_middleware._models import Operation
+from commet_middleware._quota import QuotaGate
+from commet_middleware._results import QuotaAllowance
 from commet_middleware._wire import encode_body
 from commet_middleware.customers import from_header
 
@@ -66,6 +72,36 @@ def queue() -> Iterator[DeliveryQueue]:
 def test_enqueue(benchmark: Any, queue: DeliveryQueue) -> None:
     event = UsageEvent.create("cus_1", "api_calls", 1, idempotency_key="cm_bench")
     benchmark(queue.enqueue, event)
+
+
+def test_enqueue_aggregated(benchmark: Any) -> None:
+    q = DeliveryQueue(
+        CommetSettings(queue_limit=50_000_000, aggregate_window=0.5),
+        sender_factory=lambda settings: NoopSender(),
+        encoder=lambda operation, dialect: b"{}",
+    )
+    q.start()
+    event = UsageEvent.create("cus_1", "api_calls", 1, idempotency_key="cm_bench")
+    try:
+        benchmark(q.enqueue, event)
+    finally:
+        q.close(30)
+
+
+def test_quota_check_warm(benchmark: Any) -> None:
+    gate = QuotaGate(CommetSettings(api_key="ck_bench", base_url="http://127.0.0.1:9"))
+    gate.cache.put("cus_1", "tasks", QuotaAllowance("tasks", 0, 10**12, 10**12))
+
+    def check() -> None:
+        decision = gate.check_cached("cus_1", "tasks")
+        assert decision is not None
+        assert decision.reservation is not None
+        gate.release(decision.reservation)
+
+    try:
+        benchmark(check)
+    finally:
+        gate.close()
 
 
 def test_derive_idempotency_key(benchmark: Any) -> None:
