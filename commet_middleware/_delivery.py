@@ -94,7 +94,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar, cast
 
-from ._aggregate import Aggregator, aggregate_quota_adds, build_aggregate, quota_group_key
+from ._aggregate import (
+    MAX_AGGREGATE_MEMBERS,
+    Aggregator,
+    aggregate_quota_adds,
+    build_aggregate,
+    quota_group_key,
+)
 from ._errors import CommetAPIError, CommetError
 from ._models import Operation, QuotaChange, UsageEvent
 from ._settings import CommetSettings, Dialect
@@ -478,8 +484,12 @@ class DeliveryQueue:
         self._dropped = 0
         self._spilled = 0
         window = self.settings.aggregate_window
+        # Held members count in ``pending`` until their group is sealed, so a group must seal
+        # well before it alone fills the queue: at a quarter of ``queue_limit`` (else a burst
+        # of one customer's requests within one window is refused for want of room).
+        group_limit = max(1, min(MAX_AGGREGATE_MEMBERS, self._limit // 4))
         self._aggregator: Aggregator[_Member] | None = (
-            Aggregator(window, self._clock) if window else None
+            Aggregator(window, self._clock, max_members=group_limit) if window else None
         )
         self._aggregated_members = 0
         self._aggregates_sent = 0

@@ -299,3 +299,23 @@ def test_aflush_seals_on_an_event_loop_sender(make_queue: QueueFactory, sender: 
 
     assert asyncio.run(main())
     assert sender.completed == [aggregate_key([f"a{n}" for n in range(4)])]
+
+
+def test_a_burst_larger_than_the_queue_limit_within_one_window_is_not_refused(
+    make_queue: QueueFactory, sender: FakeSender
+) -> None:
+    """1,000 events of one group in one window under queue_limit=100: all delivered, summed.
+
+    Held members count against the limit, so a group seals at a quarter of it; one group that
+    could grow to the limit would leave the next enqueue no room until its window ended.
+    """
+    queue = make_queue(aggregate_window=LONG_WINDOW, queue_limit=100)
+    accepted = recorder(queue)
+    for n in range(1000):
+        queue.enqueue(UsageEvent.create("cus_a", "api_calls", 1, idempotency_key=f"b{n}"))
+    assert queue.flush(10)
+    stats = queue.stats()
+    assert stats.dropped == 0
+    assert sum(op.value for op in accepted if isinstance(op, UsageEvent)) == 1000
+    # Sealed at 25 members each (a quarter of the limit), not one aggregate of 1,000.
+    assert len(sender.completed) >= 1000 // 25
