@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from ._asgi import MiddlewareSetup, build_settings
 from ._context import (
@@ -144,12 +144,12 @@ class _WSGICall:
         # written after the iterable is exhausted, completes it.
         self.body_left: int | None = None
         self.ctx = RequestContext(
-            sink=middleware.sink,
+            sink=middleware._sinks.sink,
             settings=middleware.settings,
             key_seed=self._key_seed() if middleware.idempotency_header else "",
             reject_missing_customer=middleware.rules.reject_missing_customer,
             stats=middleware.stats,
-            gate=middleware.gate,
+            gate=middleware._gates.gate,
         )
         # The app and every chunk of its body run in this context, so @metered code that runs
         # lazily inside a streamed body still finds the request.
@@ -206,33 +206,34 @@ class _WSGICall:
         ctx = self.ctx
         code = status[:3]
         if code.isdigit() and status[3:4] in ("", " "):
-            ctx.status = int(code)
+            ctx.status = status_code = int(code)
         else:
             try:
-                ctx.status = int(status.split(None, 1)[0])
+                ctx.status = status_code = int(status.split(None, 1)[0])
             except ValueError:
                 ctx.status = None
+                status_code = 0
         if ctx.customer_id is None:
             ctx.customer()
         rules = self.mw.rules
         if rules.meter is not None:
             self.feature = self._zero_code_feature()
-        if self._must_reject():
+        if ctx.refusal is not None or (ctx.reject_missing_customer and self._must_reject()):
             self._reject(exc_info)
             return _discard
         if ctx.status is None:
             self.billable = False
         elif rules.default_bill_status:
-            self.billable = ctx.status < 400
+            self.billable = status_code < 400
         else:
-            self.billable = rules.billable_status(ctx.status)
+            self.billable = rules.billable_status(status_code)
         content_length = None
         for name, value in headers:
             if name == "Content-Length" or name.lower() == "content-length":
                 content_length = value
                 break
         self.body_left = declared_body_length(
-            str(self.environ.get("REQUEST_METHOD", "GET")), ctx.status, content_length
+            self.environ.get("REQUEST_METHOD", "GET"), ctx.status, content_length
         )
         if ctx.response_headers and self.billable:
             # A guard's RateLimit headers, on responses that will use the reserved units.
@@ -312,11 +313,6 @@ class _WSGICall:
         else:
             ctx.settle(billable=billable)
 
-    def settle_before_last_chunk(self) -> None:
-        """Settle a billable response before its last chunk is handed to the server."""
-        if not self.rejected and self.billable:
-            self.finish(complete=True)
-
     def _hook_file_wrapper(self, result: object) -> bool:
         # Returning the server's own file wrapper keeps its sendfile fast path; billing then
         # happens when the server closes it, which it does after sending the file.
@@ -341,6 +337,10 @@ def _status_line(status: int) -> str:
         return f"{status} {HTTPStatus(status).phrase}"
     except ValueError:
         return f"{status} Refused"
+
+
+# What ``next`` returns here for an exhausted body (see _BillingIterable.__next__).
+_END = cast("bytes", object())
 
 
 def _discard(data: bytes) -> None:
@@ -384,17 +384,12 @@ class _BillingIterable:
         if call.rejected:
             return self._next_rejection_chunk()
         try:
-            if self._iterator is None:
-                self._iterator = call.context.run(iter, self._inner)
-            chunk = call.context.run(next, self._iterator)
-        except StopIteration:
-            # The whole body is in the server's hands and it has not yet written the end of a
-            # chunked or close-delimited body: the response is complete. Settling here rather
-            # than in close() also bills under clients that never close (werkzeug's test
-            # client unless buffered); close() still runs the inner close exactly once.
-            self._exhausted = True
-            call.finish(complete=True)
-            raise
+            iterator = self._iterator
+            if iterator is None:
+                iterator = self._iterator = call.context.run(iter, self._inner)
+            # A sentinel rather than StopIteration: no exception to raise through Context.run
+            # and catch here on every response's end.
+            chunk = call.context.run(next, iterator, _END)
         except (CustomerRequiredError, RequestRefusedError):
             # A lazy body (generator app) refused before calling start_response.
             if call.started and not call.rejected:
@@ -406,10 +401,19 @@ class _BillingIterable:
         except BaseException:
             self._failed = True
             raise
+        if chunk is _END:
+            # The whole body is in the server's hands and it has not yet written the end of a
+            # chunked or close-delimited body: the response is complete. Settling here rather
+            # than in close() also bills under clients that never close (werkzeug's test
+            # client unless buffered); close() still runs the inner close exactly once.
+            self._exhausted = True
+            call.finish(complete=True)
+            raise StopIteration
         if call.rejected:  # start_response in this very chunk decided to reject
             return self._next_rejection_chunk()
-        if self._is_last(chunk):
-            call.settle_before_last_chunk()
+        if self._is_last(chunk) and call.billable and not call.rejected:
+            # Settled before the last chunk is handed over: a crash after it loses nothing.
+            call.finish(complete=True)
         return chunk
 
     def _is_last(self, chunk: bytes) -> bool:
