@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from commet_middleware._models import Operation, QuotaAction
 from commet_middleware._spool import Spool
 from commet_middleware.testing import FakeCommet
 
-from .conftest import DeadLetters, FakeResult, FastSleep, RecordingEncoder
+from .conftest import DeadLetters, FakeResult, FastSleep, RecordingEncoder, wait_until
 
 TIMEOUT = 10.0
 
@@ -35,15 +34,6 @@ def change(
 
 def usage(key: str) -> UsageEvent:
     return UsageEvent.create("cus_1", "api_calls", 1, idempotency_key=key)
-
-
-def wait_until(condition: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
 
 
 @dataclass

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,7 +27,7 @@ from commet_middleware._delivery import MAX_UNEXPECTED_ATTEMPTS, DeliveryQueue
 from commet_middleware._models import Operation, QuotaAction
 from commet_middleware.testing import FakeCommet
 
-from .conftest import DeadLetters, FakeSender, FastSleep, QueueFactory
+from .conftest import DeadLetters, FakeSender, FastSleep, QueueFactory, wait_until
 
 # A window no test waits out: windows are sealed by seal_now(), a flush, or a remove or set.
 LONG_WINDOW = 1000.0
@@ -70,15 +68,6 @@ class SentOperations:
     def __call__(self, operation: Operation, dialect: str) -> bytes:
         self.operations.append(operation)
         return json.dumps({"key": operation.idempotency_key}).encode()
-
-
-def wait_until(condition: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
 
 
 # -- the aggregate itself ------------------------------------------------------------------
