@@ -466,7 +466,7 @@ class _HTTPCall:
         rules = mw.rules
         if rules.meter is not None:
             self.feature = self._zero_code_feature()
-        if ctx.refusal is not None or (ctx.reject_missing_customer and self._must_reject()):
+        if ctx.refusal is not None or (ctx.reject_missing_customer and self._customer_missing()):
             return None
         self.billable = billable = (
             status < 400 if rules.default_bill_status else rules.billable_status(status)
@@ -502,12 +502,10 @@ class _HTTPCall:
             scope, method, scope["path"], route if isinstance(route, str) else None, preflight
         )
 
-    def _must_reject(self) -> bool:
+    def _customer_missing(self) -> bool:
+        """In reject mode: True when this response would bill, or was refused, for want of a
+        customer (a guard's refusal and the serve mode are the caller's checks)."""
         ctx = self.ctx
-        if ctx.refusal is not None:
-            return True
-        if not ctx.reject_missing_customer:
-            return False
         if ctx.customer_required:
             return True
         would_bill = bool(ctx.pending) or self.feature is not None

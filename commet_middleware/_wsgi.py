@@ -218,7 +218,7 @@ class _WSGICall:
         rules = self.mw.rules
         if rules.meter is not None:
             self.feature = self._zero_code_feature()
-        if ctx.refusal is not None or (ctx.reject_missing_customer and self._must_reject()):
+        if ctx.refusal is not None or (ctx.reject_missing_customer and self._customer_missing()):
             self._reject(exc_info)
             return _discard
         if ctx.status is None:
@@ -257,12 +257,10 @@ class _WSGICall:
             environ, method, path, rule if isinstance(rule, str) else None, preflight
         )
 
-    def _must_reject(self) -> bool:
+    def _customer_missing(self) -> bool:
+        """In reject mode: True when this response would bill, or was refused, for want of a
+        customer (a guard's refusal and the serve mode are the caller's checks)."""
         ctx = self.ctx
-        if ctx.refusal is not None:
-            return True
-        if not ctx.reject_missing_customer:
-            return False
         if ctx.customer_required:
             return True
         would_bill = bool(ctx.pending) or self.feature is not None
