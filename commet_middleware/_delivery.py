@@ -90,21 +90,35 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar, cast
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar, cast
 
-from ._aggregate import (
+from ._errors import CommetAPIError, CommetError
+from ._models import Operation, QuotaChange, UsageEvent
+from ._settings import CommetSettings, Dialect
+from ._spool import Spool, SpoolRow, SpoolSealError
+from .delivery._aggregation import (
     MAX_AGGREGATE_MEMBERS,
     Aggregator,
     aggregate_quota_adds,
     build_aggregate,
     quota_group_key,
 )
-from ._errors import CommetAPIError, CommetError
-from ._models import Operation, QuotaChange, UsageEvent
-from ._settings import CommetSettings, Dialect
-from ._spool import Spool, SpoolRow, SpoolSealError
+from .delivery._items import (
+    AggregationStats,
+    DeliveryListener,
+    DeliveryStats,
+    Encoder,
+    OperationSender,
+    SenderFactory,
+    Sleep,
+    UndeliveredError,
+)
+from .delivery._items import Item as _Item
+from .delivery._items import Member as _Member
+from .delivery._items import Packed as _Packed
+from .delivery._items import describe as _describe
+from .delivery._items import unpack as _unpack
 
 __all__ = [
     "BACKOFF_CAP",
@@ -147,65 +161,6 @@ _SPOOL_POLL = 0.5
 _SPOOL_FLUSH_POLL = 0.05
 
 
-class OperationSender(Protocol):
-    """What the pipeline needs from a client: one HTTP attempt per call."""
-
-    async def send_once(self, operation: Operation, *, request_body: bytes | None = None) -> object:
-        """Send ``operation`` once; return on success, raise ``CommetError`` on failure."""
-        ...
-
-
-SenderFactory = Callable[[CommetSettings], OperationSender]
-Encoder = Callable[[Operation, Dialect], "bytes | None"]
-Sleep = Callable[[float], Awaitable[None]]
-# Told of each operation Commet accepted, with what Commet answered.
-DeliveryListener = Callable[[Operation, object], None]
-
-
-class UndeliveredError(CommetError):
-    """Given to the dead-letter hook for an event the pipeline did not deliver."""
-
-    def __init__(self, reason: Literal["queue_full", "shutdown"], message: str) -> None:
-        self.reason = reason
-        super().__init__(message)
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryStats:
-    """A snapshot of a queue's counters. Totals since creation (or since a fork), then gauges.
-
-    ``sent`` counts every operation Commet accepted, duplicates included; ``duplicates`` is the
-    part of it Commet had already recorded. ``pending`` is everything accepted and not yet
-    finished: waiting (members of an unsealed aggregate each count), in flight, or waiting to
-    retry.
-    """
-
-    queued: int
-    sent: int
-    retried: int
-    duplicates: int
-    dead_lettered: int
-    dropped: int
-    in_flight: int
-    pending: int
-
-
-@dataclass(frozen=True, slots=True)
-class AggregationStats:
-    """Aggregation counters since creation (or a fork); zeros when aggregation is off.
-
-    ``aggregated_members``: usage events and quota adds taken into a group; ``aggregates_sent``:
-    aggregates of two or more members Commet accepted; ``open_members``: members whose group is
-    not sealed yet; ``aggregates_split``: quota aggregates Commet refused for good, whose members
-    were then sent one by one.
-    """
-
-    aggregated_members: int
-    aggregates_sent: int
-    open_members: int
-    aggregates_split: int = 0
-
-
 def retry_delay(
     attempt: int,
     *,
@@ -244,18 +199,6 @@ def _refused_outright(error: Exception) -> bool:
         isinstance(error, CommetAPIError)
         and error.status >= 400
         and error.code != "idempotency_key_mismatch"
-    )
-
-
-def _describe(operation: Operation) -> str:
-    if isinstance(operation, UsageEvent):
-        return (
-            f"usage event customer={operation.customer_id!r} feature={operation.feature!r} "
-            f"value={operation.value!r} key={operation.idempotency_key!r}"
-        )
-    return (
-        f"quota {operation.action} customer={operation.customer_id!r} "
-        f"feature={operation.feature!r} count={operation.count!r} key={operation.idempotency_key!r}"
     )
 
 
@@ -332,54 +275,6 @@ async def _spool_call(sender: _Sender, fn: Callable[..., _T], *args: Any) -> _T:
     except RuntimeError:  # the interpreter is shutting down: no executor takes new work
         return fn(*args)
     return await future
-
-
-class _Item:
-    """One operation on its way, with the bytes every attempt re-sends."""
-
-    __slots__ = ("attempts", "body", "members", "operation", "parts", "row_id", "unexpected")
-
-    def __init__(self, operation: Operation) -> None:
-        self.operation = operation
-        self.body: bytes | None = None
-        self.attempts = 0
-        self.unexpected = 0
-        # The spool row this process holds for it (None: in memory only).
-        self.row_id: int | None = None
-        # How many operations this aggregate stands for (0: not an aggregate).
-        self.members = 0
-        # A quota aggregate's member items, oldest first: reported one by one to the listeners,
-        # sent one by one if Commet refuses the aggregate (None: not a quota aggregate).
-        self.parts: list[_Item] | None = None
-
-    @classmethod
-    def from_row(cls, row: SpoolRow) -> _Item:
-        item = cls(row.operation)
-        item.body = row.body
-        item.attempts = row.attempts
-        item.row_id = row.row_id
-        return item
-
-
-# A usage event waiting in an aggregation group: customer, feature, value, key, timestamp,
-# properties, spool row, encoded body. A plain tuple of strings and numbers, not an _Item:
-# thousands wait per window, and such tuples drop out of the garbage collector's lists at its
-# first pass, where items would be traversed (and promoted, and traversed again) by every
-# collection while they wait. The p99 latency of a busy ASGI app showed it (bench/RESULTS.md).
-_Packed = tuple[
-    str, str, "int | float", str, str, "tuple[tuple[str, str], ...]", "int | None", "bytes | None"
-]
-_Member = _Item | _Packed
-
-
-def _unpack(member: _Member) -> _Item:
-    if isinstance(member, _Item):
-        return member
-    customer_id, feature, value, key, timestamp, properties, row_id, body = member
-    item = _Item(UsageEvent(customer_id, feature, value, key, timestamp, properties))
-    item.row_id = row_id
-    item.body = body
-    return item
 
 
 class _Sender:

@@ -11,7 +11,9 @@ from collections.abc import Callable
 import pytest
 
 from commet_middleware import CommetSettings, CommetTransportError, QuotaChange, UsageEvent
-from commet_middleware._aggregate import (
+from commet_middleware._delivery import DeliveryQueue
+from commet_middleware._models import Operation
+from commet_middleware.delivery._aggregation import (
     AGGREGATE_KEY_PREFIX,
     QUOTA_AGGREGATE_KEY_PREFIX,
     Aggregator,
@@ -19,8 +21,6 @@ from commet_middleware._aggregate import (
     aggregate_key,
     sum_values,
 )
-from commet_middleware._delivery import DeliveryQueue
-from commet_middleware._models import Operation
 from commet_middleware.testing import FakeCommet
 
 from .conftest import FakeSender, QueueFactory

@@ -14,7 +14,9 @@ from commet_middleware import (
     QuotaChange,
     UsageEvent,
 )
-from commet_middleware._aggregate import (
+from commet_middleware._delivery import MAX_UNEXPECTED_ATTEMPTS, DeliveryQueue
+from commet_middleware._models import Operation, QuotaAction
+from commet_middleware.delivery._aggregation import (
     AGGREGATE_KEY_PREFIX,
     QUOTA_AGGREGATE_KEY_PREFIX,
     Aggregator,
@@ -23,8 +25,6 @@ from commet_middleware._aggregate import (
     aggregate_quota_adds,
     quota_group_key,
 )
-from commet_middleware._delivery import MAX_UNEXPECTED_ATTEMPTS, DeliveryQueue
-from commet_middleware._models import Operation, QuotaAction
 from commet_middleware.testing import FakeCommet
 
 from .conftest import DeadLetters, FakeSender, FastSleep, QueueFactory, wait_until

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from commet_middleware import UsageEvent
-from commet_middleware._aggregate import aggregate_events, aggregate_key
 from commet_middleware._delivery import DeliveryQueue
 from commet_middleware._models import Operation
 from commet_middleware._spool import Spool, SpoolSealError
+from commet_middleware.delivery._aggregation import aggregate_events, aggregate_key
 
 from .conftest import QueueFactory, RecordingSender, encode, rows
 

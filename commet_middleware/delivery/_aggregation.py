@@ -56,7 +56,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, TypeVar
 
-from ._models import Operation, QuotaChange, UsageEvent
+from commet_middleware._models import Operation, QuotaChange, UsageEvent
 
 __all__ = [
     "AGGREGATE_KEY_PREFIX",
