@@ -19,8 +19,8 @@ import sys
 import time
 
 from commet_middleware import CommetSettings, UsageEvent
-from commet_middleware._delivery import DeliveryQueue
 from commet_middleware._models import Operation
+from commet_middleware.delivery import DeliveryQueue
 
 
 class NoopSender:

@@ -8,7 +8,7 @@ ASGI app on 127.0.0.1 that answers ``POST /api/v1/usage/events`` with 201 and a 
 ``usage_event`` body, over HTTP/1.1 (h11) and over cleartext HTTP/2 with prior knowledge (h2c:
 Hypercorn's HTTP/1.1 reader sees the ``PRI * HTTP/2.0`` preface and switches to h2). The
 client, pinned to core 0, builds the real ``AsyncCommetClient`` with the delivery queue's own
-factory (``_default_sender_factory``) and sends N events with ``send_once`` and C in flight, a
+factory (``default_sender_factory``) and sends N events with ``send_once`` and C in flight, a
 task per event as the sender does. HTTP/1.1 is the queue's default client (``transport=None``);
 HTTP/2 injects ``httpx.AsyncHTTPTransport(http1=False, http2=True)`` through
 ``CommetSettings.transport`` (``http1=False`` is what makes httpcore speak h2c with prior
@@ -16,7 +16,7 @@ knowledge on an ``http://`` URL; it needs the ``h2`` package). This process only
 
 Per run: a fresh client, ``--warmup`` events to open the connections (not measured), then N
 events with their bodies already encoded, as the queue hands them over (the encoding is measured
-on its own: ``_default_encoder``, which calls ``_wire.encode_body``). Measured: client CPU
+on its own: ``default_encoder``, which calls ``_wire.encode_body``). Measured: client CPU
 (``time.process_time()`` delta / N), wall time (events/s) and the server's CPU per event; the
 server counts requests per HTTP version, and a run whose count differs from what was sent, or
 that had a failed send, fails the benchmark. Rounds alternate which protocol goes first, and
@@ -166,12 +166,12 @@ def serve() -> None:
 def _events(n: int, label: str) -> list[tuple[Any, bytes]]:
     """``n`` usage events with their bodies, encoded as the delivery queue encodes them."""
     from commet_middleware import UsageEvent
-    from commet_middleware._delivery import _default_encoder
+    from commet_middleware.delivery._pump import default_encoder
 
     batch = []
     for i in range(n):
         event = UsageEvent.create("cus_bench", "api_calls", 1, idempotency_key=f"{label}-{i}")
-        body = _default_encoder(event, "v1")
+        body = default_encoder(event, "v1")
         assert body is not None
         batch.append((event, body))
     return batch
@@ -183,7 +183,7 @@ def _sender(url: str, protocol: str, concurrency: int) -> Any:
 
     from commet_middleware import CommetSettings
     from commet_middleware._client import AsyncCommetClient
-    from commet_middleware._delivery import _default_sender_factory
+    from commet_middleware.delivery._pump import default_sender_factory
 
     transport = None
     if protocol == "http2":
@@ -191,7 +191,7 @@ def _sender(url: str, protocol: str, concurrency: int) -> Any:
     settings = CommetSettings(
         api_key="ck_bench", base_url=url, transport=transport, max_concurrency=concurrency
     )
-    client = _default_sender_factory(settings)
+    client = default_sender_factory(settings)
     assert isinstance(client, AsyncCommetClient)
     return client
 
@@ -283,13 +283,13 @@ async def _one_run(
 
 def _encoding_cost(events: int, rounds: int) -> dict[str, float]:
     """Median CPU per event of the queue's encoder and of ``encode_body`` alone, in seconds."""
-    from commet_middleware._delivery import _default_encoder
     from commet_middleware._wire import encode_body
+    from commet_middleware.delivery._pump import default_encoder
 
     batch = [event for event, _ in _events(events, "encode")]
     costs: dict[str, list[float]] = {"default_encoder": [], "encode_body": []}
     for _ in range(rounds):
-        for name, encode in (("default_encoder", _default_encoder), ("encode_body", encode_body)):
+        for name, encode in (("default_encoder", default_encoder), ("encode_body", encode_body)):
             start = time.process_time()
             for event in batch:
                 encode(event, "v1")
@@ -774,7 +774,7 @@ def _report(
     http1 = _median(http1_cpu.values()) * 1e6
     lines += [
         "",
-        f"JSON encoding per event (`_default_encoder`, done once per event before the send, not "
+        f"JSON encoding per event (`default_encoder`, done once per event before the send, not "
         f"in the figures above): {encoding['default_encoder'] * 1e6:.2f} µs "
         f"(`_wire.encode_body` alone: {encoding['encode_body'] * 1e6:.2f} µs), "
         f"{100 * encoding['default_encoder'] * 1e6 / http1:.1f} % of the HTTP/1.1 send.",

@@ -269,8 +269,8 @@ def soak(
 ) -> dict[str, Any]:
     """Run the soak and return its figures."""
     from commet_middleware import CommetSettings
-    from commet_middleware._delivery import DeliveryQueue
     from commet_middleware._spool import Spool
+    from commet_middleware.delivery import DeliveryQueue
     from commet_middleware.testing import FakeCommet
 
     fake = FakeCommet()

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Literal
 
 from commet_middleware import CommetSettings, UsageEvent
-from commet_middleware._delivery import DeliveryQueue
 from commet_middleware._models import Operation
 from commet_middleware._spool import Spool, operation_to_json
 from commet_middleware._wire import encode_body
+from commet_middleware.delivery import DeliveryQueue
 
 
 class NoopSender:

@@ -107,7 +107,7 @@ class SinkOwner:
         self.settings = settings
         self.owned = sink is None
         if sink is None:
-            from ._delivery import DeliveryQueue  # only needed when the app really delivers
+            from .delivery import DeliveryQueue  # only needed when the app really delivers
 
             sink = DeliveryQueue(settings)
         self.sink: EventSink = sink

@@ -532,8 +532,8 @@ def commet_context(
 
 def default_sink(settings: CommetSettings | None = None) -> EventSink:
     """Return the process-wide started delivery queue for ``settings`` (default: from env)."""
-    from ._delivery import default_queue  # the delivery pipeline is only needed when used
     from ._settings import CommetSettings
+    from .delivery import default_queue  # the delivery pipeline is only needed when used
 
     queue = default_queue(settings or CommetSettings.from_env())
     queue.start()

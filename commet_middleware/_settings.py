@@ -72,7 +72,7 @@ class CommetSettings:
     # Durable spool (SQLite file); None keeps events in memory only.
     spool_path: str | None = None
     # Seconds over which usage events of one (customer, feature, properties) are summed into one
-    # event before sending (see ``_aggregate``); None sends every event as it is.
+    # event before sending (see ``delivery._aggregation``); None sends every event as it is.
     aggregate_window: float | None = None
 
     def __post_init__(self) -> None:

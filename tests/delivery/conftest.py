@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from commet_middleware import CommetSettings, UsageEvent
-from commet_middleware._delivery import DeliveryQueue, Encoder
 from commet_middleware._models import Operation
+from commet_middleware.delivery import DeliveryQueue, Encoder
 
 
 @dataclass

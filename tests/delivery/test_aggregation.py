@@ -11,8 +11,8 @@ from collections.abc import Callable
 import pytest
 
 from commet_middleware import CommetSettings, CommetTransportError, QuotaChange, UsageEvent
-from commet_middleware._delivery import DeliveryQueue
 from commet_middleware._models import Operation
+from commet_middleware.delivery import DeliveryQueue
 from commet_middleware.delivery._aggregation import (
     AGGREGATE_KEY_PREFIX,
     QUOTA_AGGREGATE_KEY_PREFIX,

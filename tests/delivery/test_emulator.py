@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 
 from commet_middleware import CommetSettings, QuotaChange, UsageEvent
-from commet_middleware._delivery import DeliveryQueue
 from commet_middleware._errors import CommetAPIError
 from commet_middleware._settings import Dialect
+from commet_middleware.delivery import DeliveryQueue
 from commet_middleware.testing import FakeCommet
 
 from .conftest import DeadLetters, FastSleep, QueueFactory

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from commet_middleware import CommetSettings, CommetTransportError
-from commet_middleware._delivery import MAX_CLIENT_ATTEMPTS, DeliveryQueue
+from commet_middleware.delivery import MAX_CLIENT_ATTEMPTS, DeliveryQueue
 
 from .conftest import DeadLetters, FakeSender, QueueFactory, RecordingEncoder, event
 
@@ -100,13 +100,13 @@ def test_a_fork_mid_send_and_mid_retry_stops_the_thread_and_both_sides_deliver(
         (before,) = delivery_threads()
 
         seen_in_hook: list[object] = []
-        hold = queue._hold_for_fork
+        hold = queue._slot.hold_for_fork
 
         def recording_hold() -> None:
             hold()
             seen_in_hook.extend([before.is_alive(), len(delivery_threads()), queue.stats().pending])
 
-        monkeypatch.setattr(queue, "_hold_for_fork", recording_hold)
+        monkeypatch.setattr(queue._slot, "hold_for_fork", recording_hold)
 
         def child() -> dict[str, object]:
             inherited = queue.stats()
@@ -239,7 +239,7 @@ def test_the_sender_thread_imports_nothing() -> None:
 
         sys.meta_path.insert(0, Spy())
         from commet_middleware import CommetSettings, UsageEvent
-        from commet_middleware._delivery import DeliveryQueue
+        from commet_middleware.delivery import DeliveryQueue
 
         with socket.socket() as s:  # a port nobody listens on: connection refused
             s.bind(("127.0.0.1", 0))

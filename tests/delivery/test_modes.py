@@ -219,7 +219,7 @@ def test_aclose_replaces_a_crashed_loop_sender_and_delivers(
 ) -> None:
     """If the loop's sender died on an internal error, aclose still drains through a new one."""
     queue = make_queue()
-    real_take = queue._take
+    real_take = queue._pump.take
     crashes: list[int] = []
 
     def take_once_broken(*args: object) -> object:
@@ -228,7 +228,7 @@ def test_aclose_replaces_a_crashed_loop_sender_and_delivers(
             raise RuntimeError("sender bug")
         return real_take(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(queue, "_take", take_once_broken)
+    monkeypatch.setattr(queue._pump, "take", take_once_broken)
 
     async def lifespan() -> bool:
         queue.start()

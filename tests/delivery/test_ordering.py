@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from commet_middleware import CommetAPIError, CommetSettings, QuotaChange, UsageEvent
-from commet_middleware._delivery import DeliveryQueue
 from commet_middleware._models import Operation, QuotaAction
 from commet_middleware._spool import Spool
+from commet_middleware.delivery import DeliveryQueue
 from commet_middleware.testing import FakeCommet
 
 from .conftest import DeadLetters, FakeResult, FastSleep, RecordingEncoder, wait_until

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from commet_middleware._delivery import UndeliveredError
+from commet_middleware.delivery import UndeliveredError
 
 from .conftest import DeadLetters, FakeSender, QueueFactory, event
 

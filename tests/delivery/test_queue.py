@@ -12,7 +12,7 @@ import time
 import pytest
 
 from commet_middleware import CommetAPIError, CommetSettings, CommetTransportError
-from commet_middleware._delivery import (
+from commet_middleware.delivery import (
     BACKOFF_CAP,
     MAX_UNEXPECTED_ATTEMPTS,
     DeliveryQueue,
@@ -21,6 +21,7 @@ from commet_middleware._delivery import (
     default_queue,
     retry_delay,
 )
+from commet_middleware.delivery._workers import ThreadWorker
 
 from .conftest import (
     DeadLetters,
@@ -210,7 +211,7 @@ def test_enqueue_never_raises_into_the_caller(
     def broken() -> bool:
         raise RuntimeError("internal bug")
 
-    monkeypatch.setattr(queue, "_ensure_sender", broken)
+    monkeypatch.setattr(queue._slot, "ensure", broken)
     queue.enqueue(event("k"))
     assert "could not enqueue" in caplog.text
 
@@ -388,7 +389,7 @@ def test_a_crashed_sender_is_replaced_and_loses_nothing(
 ) -> None:
     """If the sender itself dies on an internal error, the next enqueue starts a new one."""
     queue = make_queue()
-    real_take = queue._take
+    real_take = queue._pump.take
     crashes: list[int] = []
 
     def take_once_broken(*args: object) -> object:
@@ -397,10 +398,10 @@ def test_a_crashed_sender_is_replaced_and_loses_nothing(
             raise RuntimeError("sender bug")
         return real_take(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(queue, "_take", take_once_broken)
+    monkeypatch.setattr(queue._pump, "take", take_once_broken)
     queue.enqueue(event("a"))
-    crashed = queue._sender
-    assert crashed is not None
+    crashed = queue._state.worker
+    assert isinstance(crashed, ThreadWorker)
     assert crashed.thread is not None
     crashed.thread.join(2)
     assert not crashed.alive()

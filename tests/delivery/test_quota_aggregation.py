@@ -14,8 +14,8 @@ from commet_middleware import (
     QuotaChange,
     UsageEvent,
 )
-from commet_middleware._delivery import MAX_UNEXPECTED_ATTEMPTS, DeliveryQueue
 from commet_middleware._models import Operation, QuotaAction
+from commet_middleware.delivery import MAX_UNEXPECTED_ATTEMPTS, DeliveryQueue
 from commet_middleware.delivery._aggregation import (
     AGGREGATE_KEY_PREFIX,
     QUOTA_AGGREGATE_KEY_PREFIX,

@@ -17,10 +17,10 @@ from commet_middleware import (
     quota_release,
 )
 from commet_middleware._client import CommetClient
-from commet_middleware._delivery import DeliveryQueue
 from commet_middleware._models import Operation
 from commet_middleware._quota import QuotaGate
 from commet_middleware.customers import from_header
+from commet_middleware.delivery import DeliveryQueue
 from commet_middleware.testing import FakeCommet
 
 from .conftest import USER, DeadLetters, quota_writes

@@ -12,8 +12,8 @@ import pytest
 
 from bench.soak import API_KEY, event_key, start_server
 from commet_middleware import CommetSettings
-from commet_middleware._delivery import DeliveryQueue
 from commet_middleware._spool import Spool
+from commet_middleware.delivery import DeliveryQueue
 from commet_middleware.testing import FakeCommet
 
 pytestmark = pytest.mark.server

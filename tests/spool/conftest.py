@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from commet_middleware import CommetSettings, UsageEvent
-from commet_middleware._delivery import DeliveryQueue
 from commet_middleware._models import Operation
 from commet_middleware._spool import Spool
+from commet_middleware.delivery import DeliveryQueue
 
 
 @dataclass

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from commet_middleware import CommetSettings, UsageEvent
-from commet_middleware._delivery import DeliveryQueue
 from commet_middleware._spool import Spool
+from commet_middleware.delivery import DeliveryQueue
 from commet_middleware.testing import FakeCommet
 
 pytestmark = pytest.mark.server

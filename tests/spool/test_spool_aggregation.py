@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from commet_middleware import UsageEvent
-from commet_middleware._delivery import DeliveryQueue
 from commet_middleware._models import Operation
 from commet_middleware._spool import Spool, SpoolSealError
+from commet_middleware.delivery import DeliveryQueue
 from commet_middleware.delivery._aggregation import aggregate_events, aggregate_key
 
 from .conftest import QueueFactory, RecordingSender, encode, rows
@@ -47,13 +47,13 @@ def recorder(queue: DeliveryQueue) -> list[Operation]:
 def crashed_queue(make_queue: QueueFactory, spool: Spool) -> DeliveryQueue:
     """A queue whose sender never runs: what it holds is only in the spool and in memory."""
     queue = make_queue(spool=spool, aggregate_window=LONG_WINDOW)
-    queue._ensure_sender = lambda **kwargs: True  # type: ignore[method-assign]
+    queue._slot.ensure = lambda **kwargs: True  # type: ignore[method-assign]
     return queue
 
 
 def crash(queue: DeliveryQueue, spool: Spool) -> None:
     """Lose the queue's memory and let its spool leases run out, as a SIGKILL would."""
-    queue._init_state()
+    queue._reset()
     spool.release()
 
 

@@ -541,7 +541,7 @@ class _FakeQueue:
 
 def test_lifespan_starts_and_flushes_the_owned_queue(monkeypatch: pytest.MonkeyPatch) -> None:
     """Startup starts the queue; the queue is closed before shutdown.complete is forwarded."""
-    monkeypatch.setattr("commet_middleware._delivery.DeliveryQueue", _FakeQueue)
+    monkeypatch.setattr("commet_middleware.delivery.DeliveryQueue", _FakeQueue)
     order: list[str] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -577,7 +577,7 @@ def test_lifespan_starts_and_flushes_the_owned_queue(monkeypatch: pytest.MonkeyP
 
 def test_queue_starts_lazily_without_lifespan(monkeypatch: pytest.MonkeyPatch) -> None:
     """With no lifespan, the first request starts the owned queue (once)."""
-    monkeypatch.setattr("commet_middleware._delivery.DeliveryQueue", _FakeQueue)
+    monkeypatch.setattr("commet_middleware.delivery.DeliveryQueue", _FakeQueue)
     mw = CommetMiddleware(responder(), api_key="ck_test")
     run(mw, http_scope())
     run(mw, http_scope())

@@ -1,0 +1,484 @@
+"""The delivery queue: admission and overflow, flush and close, over the parts it composes.
+
+``DeliveryQueue.enqueue`` is a deque append under a lock plus, only when the worker is idle, a
+wake-up; it never raises and never waits on the network. One worker per queue (``_workers``)
+drains it with the pump (``_pump``); a spool (``_spool_bridge``), window aggregation
+(``_sealing``) and the per-key order of quota changes (``_ordering``) are parts it composes, all
+over one shared ``QueueState`` whose lock the queue and its parts take.
+
+Overflow (``pending`` reached ``settings.queue_limit``): memory stays bounded and no event is lost
+without a trace. ``"block"`` (the default) waits up to ``settings.overflow_block_timeout`` for
+room, but only in a thread with no running event loop (a WSGI worker, a threadpool endpoint):
+blocking an event loop would stall every request on it and, when the worker lives on that loop,
+could never make room. If there is still no room the event is refused loudly: an ERROR log naming
+customer, feature and idempotency key, the ``dropped`` counter, and ``settings.dead_letter``
+called with an ``UndeliveredError`` (reason ``"queue_full"``) so the app can persist it. Growing
+past the limit instead would trade a counted loss for an out-of-memory kill that loses every
+queued event silently. With a spool, overflow spills to it. ``"spool"`` without ``spool_path``
+behaves like ``"block"`` (a warning says so once). ``"drop"`` refuses at once, just as loudly.
+
+Events still undelivered when ``close`` times out are reported the same way (reason
+``"shutdown"``, counted in ``dead_lettered``); ``close`` hands back the members of groups it could
+not seal and send, one by one, and those of a quota aggregate it could not deliver. Parked quota
+changes count as pending; ``close`` hands them back like the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from commet_middleware._models import Operation
+from commet_middleware._settings import CommetSettings
+from commet_middleware._spool import Spool
+
+from . import _process
+from ._items import (
+    AggregationStats,
+    DeliveryListener,
+    DeliveryStats,
+    Encoder,
+    Item,
+    SenderFactory,
+    Sleep,
+    UndeliveredError,
+    describe,
+)
+from ._ordering import QuotaTurns
+from ._pump import BACKOFF_CAP, Pump, default_encoder, default_sender_factory
+from ._sealing import Sealer
+from ._spool_bridge import SpoolBridge
+from ._state import QueueState
+from ._workers import Worker, WorkerSlot, running_loop
+
+__all__ = ["DeliveryQueue"]
+
+logger = logging.getLogger("commet_middleware.delivery")
+
+# How often a waiting flush re-checks that a worker is still alive to make progress.
+_FLUSH_RECHECK = 0.25
+_AFLUSH_POLL = 0.005
+_JOIN_TIMEOUT = 1.0
+# How often a flush re-counts the spool.
+_SPOOL_FLUSH_POLL = 0.05
+
+
+class DeliveryQueue:
+    """A bounded in-memory queue of billable operations and the background sender draining it.
+
+    ``sender_factory`` builds the client (default: ``AsyncCommetClient``), ``encoder`` the request
+    body (default: ``_wire.encode_body``), and ``sleep`` waits out a retry delay (tests pass a
+    fast one). ``spool`` replaces the one built from ``settings.spool_path`` (tests pass one
+    with a short lease). ``clock`` (default ``time.monotonic``) times aggregation windows.
+    """
+
+    def __init__(
+        self,
+        settings: CommetSettings,
+        *,
+        sender_factory: SenderFactory | None = None,
+        encoder: Encoder | None = None,
+        sleep: Sleep | None = None,
+        backoff_cap: float = BACKOFF_CAP,
+        rng: random.Random | None = None,
+        spool: Spool | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._clock = clock or time.monotonic
+        if spool is None and settings.spool_path:
+            spool = Spool(settings.spool_path)
+        self._spool = spool
+        self._sender_factory = sender_factory or default_sender_factory
+        self._encoder = encoder or default_encoder
+        self._sleep: Sleep = sleep or asyncio.sleep
+        self._backoff_cap = backoff_cap
+        self._rng = rng or random.Random()
+        self._limit = settings.queue_limit
+        self._listeners: list[DeliveryListener] = []
+        self._reset()
+        if sender_factory is None:
+            _process.import_http_stack()
+        _process.live_queues.add(self)
+
+    def _reset(self) -> None:
+        """Build the state and the parts afresh: at creation, and in a forked child."""
+        self._pid = os.getpid()
+        self._generation = _process.fork_generation
+        self._spool_warned = False
+        settings, spool = self.settings, self._spool
+        state = self._state = QueueState(self._limit)
+        turns = QuotaTurns()
+        self._sealer = Sealer(
+            state,
+            window=settings.aggregate_window,
+            clock=self._clock,
+            spool=spool,
+            encoder=self._encoder,
+            dialect=settings.dialect,
+        )
+        default_client = self._sender_factory is default_sender_factory
+        self._slot = WorkerSlot(
+            state,
+            max_concurrency=settings.max_concurrency,
+            run=self._run_worker,
+            prepare_thread=_process.import_http_stack if default_client else None,
+            keep_polling=spool is not None,
+        )
+        self._bridge = (
+            None
+            if spool is None
+            else SpoolBridge(
+                state,
+                spool,
+                settings=settings,
+                encoder=self._encoder,
+                slot=self._slot,
+                place=self._sealer.place,
+                overflow=self._overflow,
+            )
+        )
+        self._pump = Pump(
+            state,
+            turns=turns,
+            sealer=self._sealer,
+            bridge=self._bridge,
+            settings=settings,
+            sender_factory=self._sender_factory,
+            encoder=self._encoder,
+            sleep=self._sleep,
+            backoff_cap=self._backoff_cap,
+            rng=self._rng,
+            listeners=self._listeners,
+        )
+        self._turns = turns
+
+    def _run_worker(self, worker: Worker) -> Coroutine[Any, Any, None]:
+        return self._pump.run(worker)
+
+    def _check_fork(self) -> None:
+        if self._generation != _process.fork_generation:
+            self._reset_after_fork()
+
+    def add_listener(self, listener: DeliveryListener) -> None:
+        """Call ``listener(operation, result)`` after each operation Commet accepted.
+
+        The quota guard uses this to learn the balance Commet confirmed. A listener runs on the
+        sender's loop, so it must be quick; its exceptions are logged and ignored.
+        """
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: DeliveryListener) -> None:
+        """Stop calling ``listener``; unknown listeners are ignored."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def __repr__(self) -> str:
+        return f"<DeliveryQueue pending={self._state.pending} limit={self._limit}>"
+
+    # -- the request path ------------------------------------------------------------------
+
+    def enqueue(self, operation: Operation) -> None:
+        """Accept ``operation`` for delivery; never raises, waits only as the overflow says."""
+        try:
+            if self._generation != _process.fork_generation:
+                self._reset_after_fork()
+            if self._bridge is not None:
+                self._bridge.enqueue(Item(operation))
+                return
+            state = self._state
+            with state.lock:
+                if state.pending < state.limit:
+                    state.pending += 1
+                    state.queued += 1
+                    # No item yet: an aggregated usage event waits as a tuple (see Packed).
+                    wake = self._sealer.place(operation, None)
+                    if wake:
+                        state.idle = False
+                    worker = state.worker
+                    full = False
+                else:
+                    full = True
+            if full:
+                self._overflow(Item(operation))
+            else:
+                self._slot.nudge(worker, wake)
+        except Exception:
+            logger.exception("commet: could not enqueue %s; the request is unaffected", operation)
+
+    def _overflow(self, item: Item) -> None:
+        policy = self.settings.overflow
+        state = self._state
+        if policy == "spool" and not self._spool_warned:
+            self._spool_warned = True
+            logger.warning(
+                "commet: overflow='spool' without a spool_path: spilling to memory is not "
+                "implemented yet (set spool_path); behaving like 'block'"
+            )
+        if policy != "drop" and running_loop() is None:
+            self._slot.ensure()
+            deadline = time.monotonic() + self.settings.overflow_block_timeout
+            accepted = wake = False
+            worker: Worker | None = None
+            with state.cond:
+                while state.pending >= state.limit:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    state.cond.wait(remaining)
+                else:
+                    state.pending += 1
+                    state.queued += 1
+                    wake = self._sealer.place(item.operation, item)
+                    if wake:
+                        state.idle = False
+                    worker = state.worker
+                    accepted = True
+            if accepted:
+                self._slot.nudge(worker, wake)
+                return
+        with state.lock:
+            state.dropped += 1
+            pending = state.pending
+        logger.error(
+            "commet: delivery queue full (%d pending, limit %d, overflow=%r): NOT delivering %s",
+            pending,
+            self._limit,
+            policy,
+            describe(item.operation),
+        )
+        self._pump.dead_letter(
+            item.operation,
+            UndeliveredError("queue_full", f"delivery queue full ({self._limit} pending)"),
+        )
+
+    def seal_now(self) -> None:
+        """Seal every open aggregation group now and queue the aggregates (no-op when off)."""
+        try:
+            self._check_fork()
+            if self._sealer.seal(everything=True):
+                worker = self._state.worker
+                if worker is None or not worker.alive():
+                    self._slot.ensure()
+                else:
+                    self._slot.poke(worker)
+        except Exception:
+            logger.exception("commet: could not seal the aggregation groups")
+
+    # -- the worker ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the sender now: on the running event loop if there is one, else in a thread."""
+        try:
+            self._check_fork()
+            self._slot.ensure()
+        except Exception:
+            logger.exception("commet: could not start the delivery sender")
+
+    def _on_worker_loop(self) -> bool:
+        worker = self._state.worker
+        return worker is not None and worker.on_this_thread() and running_loop() is not None
+
+    # -- flush and close -------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued is delivered or given up; False if ``timeout`` ran out.
+
+        Call it from any thread but the sender's event loop (there, ``await aflush()``).
+        """
+        try:
+            self._check_fork()
+            if timeout is None:
+                timeout = self.settings.shutdown_timeout
+            deadline = time.monotonic() + timeout
+            state = self._state
+            if self._on_worker_loop():
+                logger.warning("commet: flush() on the sender's event loop; use await aflush()")
+                return state.pending == 0
+            while True:
+                if self._sealer.open_members:
+                    self.seal_now()
+                with state.cond:
+                    pending = state.pending
+                    remaining = deadline - time.monotonic()
+                if pending == 0 and self._spool_drained() and state.pending == 0:
+                    return True
+                if remaining <= 0:
+                    return False
+                if not self._slot.ensure():
+                    # No thread can start (interpreter shutdown): drain on a loop of our own.
+                    if running_loop() is not None:
+                        return False
+                    return asyncio.run(self.aflush(remaining))
+                with state.cond:
+                    if state.pending:
+                        state.cond.wait(min(remaining, _FLUSH_RECHECK))
+                        continue
+                # Only spooled rows are left: nudge the worker to claim them.
+                worker = state.worker
+                if worker is not None:
+                    self._slot.poke(worker)
+                time.sleep(min(remaining, _SPOOL_FLUSH_POLL))
+        except Exception:
+            logger.exception("commet: flush failed")
+            return False
+
+    async def aflush(self, timeout: float | None = None) -> bool:
+        """Like :meth:`flush`, without blocking the event loop."""
+        try:
+            if timeout is None:
+                timeout = self.settings.shutdown_timeout
+            deadline = time.monotonic() + timeout
+            next_spool_check = 0.0
+            state = self._state
+            while True:
+                if self._sealer.open_members:
+                    if self._bridge is None:
+                        self.seal_now()
+                    else:
+                        await asyncio.to_thread(self.seal_now)
+                now = time.monotonic()
+                if not state.pending and now >= next_spool_check:
+                    if self._spool_drained() and not state.pending:
+                        return True
+                    next_spool_check = now + _SPOOL_FLUSH_POLL
+                    worker = state.worker
+                    if worker is not None:
+                        self._slot.poke(worker)
+                if now >= deadline:
+                    return False
+                self._slot.ensure()
+                await asyncio.sleep(_AFLUSH_POLL)
+        except Exception:
+            logger.exception("commet: flush failed")
+            return False
+
+    def _spool_drained(self) -> bool:
+        """True if the spool has no row waiting to be claimed (always, without a spool)."""
+        return self._bridge is None or self._bridge.drained()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, then stop the sender; report what was left. True if everything was delivered.
+
+        The queue stays usable: a later enqueue starts a new sender.
+        """
+        delivered = self.flush(timeout)
+        try:
+            worker, leftovers = self._take_leftovers()
+            if worker is not None:
+                self._slot.poke(worker, all_waits=True)
+                worker.join(_JOIN_TIMEOUT)
+            self._abandon(leftovers)
+        except Exception:
+            logger.exception("commet: close failed")
+            return False
+        return delivered and not leftovers
+
+    async def aclose(self, timeout: float | None = None) -> bool:
+        """Like :meth:`close`, for an event loop (the ASGI lifespan shutdown)."""
+        worker = self._state.worker
+        if worker is None or worker.loop is not running_loop():
+            return await asyncio.to_thread(self.close, timeout)
+        delivered = await self.aflush(timeout)
+        try:
+            # Read the worker again: aflush may have replaced one that had died.
+            worker, leftovers = self._take_leftovers()
+            if worker is not None:
+                self._slot.poke(worker, all_waits=True)
+                await worker.wait_stopped(_JOIN_TIMEOUT)
+            self._abandon(leftovers)
+        except Exception:
+            logger.exception("commet: close failed")
+            return False
+        return delivered and not leftovers
+
+    def _take_leftovers(self) -> tuple[Worker | None, list[Item]]:
+        """Retire the worker and take everything still undelivered, for close and aclose.
+
+        What the spool can keep goes back to it; the rest is returned (and counted as
+        dead-lettered) for the caller to report once the worker has stopped.
+        """
+        state = self._state
+        with state.lock:
+            worker = state.worker
+            leftovers = state.detach(worker, requeue=False) if worker else []
+            leftovers.extend(state.queue)
+            state.queue.clear()
+            leftovers.extend(self._turns.unpark_all())
+            leftovers.extend(self._sealer.unseal_all())
+            state.pending -= len(leftovers)
+            if self._bridge is not None:
+                leftovers = self._bridge.keep(leftovers)
+            # An undelivered quota aggregate is reported member by member, as it was enqueued.
+            leftovers = [part for item in leftovers for part in item.parts or [item]]
+            state.dead_lettered += len(leftovers)
+            state.cond.notify_all()
+        return worker, leftovers
+
+    def _abandon(self, items: list[Item]) -> None:
+        if not items:
+            return
+        logger.error("commet: closing with %d operations undelivered", len(items))
+        for item in items:
+            logger.error("commet: undelivered at shutdown: %s", describe(item.operation))
+            self._pump.dead_letter(
+                item.operation,
+                UndeliveredError("shutdown", "not delivered before the close timeout"),
+            )
+
+    # -- counters --------------------------------------------------------------------------
+
+    def stats(self) -> DeliveryStats:
+        """Return a snapshot of the counters."""
+        state = self._state
+        with state.lock:
+            worker = state.worker
+            return DeliveryStats(
+                queued=state.queued,
+                sent=state.sent,
+                retried=state.retried,
+                duplicates=state.duplicates,
+                dead_lettered=state.dead_lettered,
+                dropped=state.dropped,
+                in_flight=worker.in_flight if worker else 0,
+                pending=state.pending,
+            )
+
+    def aggregation_stats(self) -> AggregationStats:
+        """Return a snapshot of the aggregation counters."""
+        state = self._state
+        with state.lock:
+            return AggregationStats(
+                aggregated_members=state.aggregated_members,
+                aggregates_sent=state.aggregates_sent,
+                open_members=self._sealer.open_members,
+                aggregates_split=state.aggregates_split,
+            )
+
+    # -- process hooks (called by _process) ------------------------------------------------
+
+    def _reset_after_fork(self) -> None:
+        # The parent's worker thread does not exist here and its client's sockets are shared
+        # with the parent; what it had queued is the parent's to deliver.
+        self._reset()
+
+    def _hold_for_fork(self) -> None:
+        """Before a fork: stop this queue's worker thread and start none until after it."""
+        if self._pid != os.getpid():
+            return  # inherited and not used since: nothing runs
+        self._slot.hold_for_fork()
+
+    def _release_after_fork(self) -> None:
+        """After a fork, in the parent: restart a stopped worker thread if work is pending."""
+        self._slot.release_after_fork()
+
+    def _close_at_exit(self) -> None:
+        state = self._state
+        if state.pending or state.worker is not None or state.spilled:
+            self.close(self.settings.shutdown_timeout)

@@ -1,0 +1,58 @@
+"""The state a delivery queue's parts share, under one lock: the items waiting and the counters."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ._items import Item
+
+if TYPE_CHECKING:
+    from ._workers import Worker
+
+__all__ = ["QueueState"]
+
+
+class QueueState:
+    """One queue's shared state; every attribute but ``lock`` and ``cond`` is guarded by ``lock``.
+
+    The queue, its worker slot, spool bridge, sealer and pump all hold the same instance; a fork
+    replaces it with a fresh one (the child starts with an empty queue of its own).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.lock = threading.Lock()
+        # Notified whenever ``pending`` drops or a worker goes away: flush and overflow wait on it.
+        self.cond = threading.Condition(self.lock)
+        self.queue: deque[Item] = deque()
+        # The current worker (None: none started yet, or the last one was retired).
+        self.worker: Worker | None = None
+        # Set by a worker that found nothing to take: an enqueue from then on pokes it.
+        self.idle = False
+        self.pending = 0
+        self.queued = 0
+        self.sent = 0
+        self.retried = 0
+        self.duplicates = 0
+        self.dead_lettered = 0
+        self.dropped = 0
+        self.spilled = 0
+        self.aggregated_members = 0
+        self.aggregates_sent = 0
+        self.aggregates_split = 0
+
+    def is_current(self, worker: Worker) -> bool:
+        """(Lock held.) True while ``worker`` is the one meant to take and finish items."""
+        return not (worker.retired or worker.stop_requested) and self.worker is worker
+
+    def detach(self, worker: Worker, *, requeue: bool) -> list[Item]:
+        """(Lock held.) Retire ``worker``; requeue its unfinished items, or return them."""
+        owned = worker.retire()
+        if self.worker is worker:
+            self.worker = None
+        if requeue:
+            self.queue.extendleft(reversed(owned))
+            return []
+        return owned
