@@ -435,10 +435,8 @@ class Pump:
     ) -> None:
         state = self._state
         with state.lock:
-            if item not in worker.owned:
-                return  # taken back by a restart or a close: someone else reports it
-            worker.owned.discard(item)
-            worker.in_flight -= 1
+            if not self._release(worker, item):
+                return
             # A quota aggregate is reported member by member, so that a listener or hook
             # counting our changes (the quota gate) sees each one it was handed settle.
             operations = [part.operation for part in item.parts or [item]]
@@ -483,10 +481,8 @@ class Pump:
             return
         state = self._state
         with state.lock:
-            if item not in worker.owned:
-                return  # taken back by a restart or a close: someone else reports it
-            worker.owned.discard(item)
-            worker.in_flight -= 1
+            if not self._release(worker, item):
+                return
             state.aggregates_split += 1
             state.pending += len(parts) - 1
             if self._turns.split(item, parts):
@@ -501,6 +497,16 @@ class Pump:
             len(parts),
         )
         worker.wakeup.set()  # we run on the worker's loop
+
+    @staticmethod
+    def _release(worker: Worker, item: Item) -> bool:
+        """(Lock held.) Take ``item``, no longer in flight, from ``worker``; False if a restart
+        or a close took it back first: then someone else reports it."""
+        if item not in worker.owned:
+            return False
+        worker.owned.discard(item)
+        worker.in_flight -= 1
+        return True
 
     def _notify_listeners(self, operation: Operation, result: object) -> None:
         for listener in tuple(self._listeners):

@@ -113,7 +113,7 @@ class DeliveryQueue:
         self._spool_warned = False
         settings, spool = self.settings, self._spool
         state = self._state = QueueState(self._limit)
-        turns = QuotaTurns()
+        turns = self._turns = QuotaTurns()
         self._sealer = Sealer(
             state,
             window=settings.aggregate_window,
@@ -156,9 +156,9 @@ class DeliveryQueue:
             rng=self._rng,
             listeners=self._listeners,
         )
-        self._turns = turns
 
     def _run_worker(self, worker: Worker) -> Coroutine[Any, Any, None]:
+        # Through the queue, not the pump's bound method: the slot is built before the pump.
         return self._pump.run(worker)
 
     def _check_fork(self) -> None:

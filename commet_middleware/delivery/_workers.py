@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
 
@@ -44,7 +45,7 @@ def running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-class Worker:
+class Worker(ABC):
     """One generation of the sender; replaced, never revived, when it dies.
 
     The pump reads and updates its fields on the worker's loop; ``owned``, ``in_flight`` and
@@ -70,9 +71,9 @@ class Worker:
         # Set before a fork: stop at the next await and put back what it holds (see the pump).
         self.stop_requested = False
 
+    @abstractmethod
     def alive(self) -> bool:
         """True while it can still take and send items."""
-        raise NotImplementedError
 
     def on_this_thread(self) -> bool:
         """True if called from the thread that runs the worker's loop."""
@@ -108,11 +109,13 @@ class Worker:
         self.owned.clear()
         return owned
 
+    @abstractmethod
     def join(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for it to stop, from any thread but its own (no-op by default)."""
+        """Wait up to ``timeout`` for it to stop, from any thread but its own."""
 
+    @abstractmethod
     async def wait_stopped(self, timeout: float) -> None:
-        """Like :meth:`join`, from an event loop (no-op by default)."""
+        """Like :meth:`join`, from an event loop."""
 
 
 class TaskWorker(Worker):
@@ -134,6 +137,9 @@ class TaskWorker(Worker):
             return False
         loop, task = self.loop, self.task
         return loop is not None and task is not None and loop.is_running() and not task.done()
+
+    def join(self, timeout: float) -> None:
+        """Nothing to join from a thread: its loop belongs to the app, which runs it down."""
 
     async def wait_stopped(self, timeout: float) -> None:
         """Wait up to ``timeout`` for its task, if it runs on the calling loop."""
