@@ -347,7 +347,12 @@ def soak(
         if left_after_stop.pending or left_after_stop.claimed:
             drained_here_left = left_after_stop.pending + left_after_stop.claimed
             queue = DeliveryQueue(
-                CommetSettings(api_key=API_KEY, base_url=commet_url, spool_path=str(spool_path))
+                CommetSettings(
+                    api_key=API_KEY,
+                    base_url=commet_url,
+                    spool_path=str(spool_path),
+                    fold_when_behind=False,  # the soak checks each event by its own key
+                )
             )
             queue.start()
             while not queue.close(60):  # as long as it makes progress

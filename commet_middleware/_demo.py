@@ -139,7 +139,7 @@ class DemoReport:
     quotas: dict[str, QuotaAllowance] = field(default_factory=dict)
     lost: int = 0
     duplicated: int = 0
-    # (customer, feature) whose event counts agree but whose values do not.
+    # (customer, feature) whose totals differ by less than one unit (a value, not an event).
     mismatched: list[tuple[str, str]] = field(default_factory=list)
     commet_failures: int = 0
     # (still pending, dead letters) in the spool file after the app stopped; None: unknown.
@@ -515,25 +515,30 @@ def _ledger(fake: FakeCommet) -> tuple[dict[tuple[str, str], Tally], Counter[tup
 def _compare(report: DemoReport, repeated: Counter[tuple[str, str]]) -> None:
     """Set ``lost``, ``duplicated`` and ``mismatched`` from ``expected`` against ``recorded``.
 
-    Lost: expected events Commet lacks. Duplicated: events repeating an idempotency key, plus
-    distinct events beyond what the load's successful responses account for.
+    Compared by billed units, not by events: when the sender falls behind, waiting events of one
+    customer and feature are folded into one event with their exact total (see the README). Lost:
+    units Commet lacks. Duplicated: events repeating an idempotency key, plus units beyond what
+    the load's successful responses account for.
     """
     lost = duplicated = 0
     mismatched: list[tuple[str, str]] = []
     for key in sorted(report.expected.keys() | report.recorded.keys()):
         want = report.expected.get(key, Tally())
         got = report.recorded.get(key, Tally())
-        distinct = got.events - repeated[key]
-        lost += max(want.events - distinct, 0)
-        duplicated += repeated[key] + max(distinct - want.events, 0)
-        if want.events == got.events and abs(want.total - got.total) > 1e-9:
+        missing = want.total - got.total
+        lost += max(round(missing), 0)
+        # A repeated key's value is in the total too: the larger of the two counts it once.
+        duplicated += max(repeated[key], round(-missing), 0)
+        if abs(missing) > 1e-9 and round(missing) == 0:
             mismatched.append(key)
     report.lost, report.duplicated, report.mismatched = lost, duplicated, mismatched
 
 
 def _settled(fake: FakeCommet, expected: dict[tuple[str, str], Tally]) -> bool:
     recorded, _ = _ledger(fake)
-    return all(recorded.get(key, Tally()).events >= want.events for key, want in expected.items())
+    return all(
+        recorded.get(key, Tally()).total >= want.total - 1e-9 for key, want in expected.items()
+    )
 
 
 def _spool_counts(path: str | None) -> tuple[tuple[int, int] | None, list[str]]:

@@ -74,6 +74,10 @@ class CommetSettings:
     # Seconds over which usage events of one (customer, feature, properties) are summed into one
     # event before sending (see ``delivery._aggregation``); None sends every event as it is.
     aggregate_window: float | None = None
+    # Without a window: usage events (and, without a spool, quota adds) that wait while the
+    # sender is behind fold into one exact event per group (see ``delivery._folding``), so the
+    # queue never refuses one for want of room. False sends every event as it is.
+    fold_when_behind: bool = True
 
     def __post_init__(self) -> None:
         if self.dialect not in ("v1", "legacy"):

@@ -30,6 +30,7 @@ from commet_middleware._errors import CommetAPIError, CommetError
 from commet_middleware._models import Operation
 from commet_middleware._settings import CommetSettings, Dialect
 
+from ._folding import UsageFold
 from ._items import (
     DeliveryListener,
     Encoder,
@@ -198,7 +199,7 @@ class Pump:
                 if batch is None:
                     return
                 if not batch and bridge is not None:
-                    room = min(limit, state.limit - state.pending)
+                    room = min(limit, state.limit - (state.pending - state.folded))
                     if room > 0:
                         # SQLite calls run off the event loop: it may be the app's.
                         claimed = await spool_call(worker, bridge.claim, worker, room)
@@ -249,8 +250,9 @@ class Pump:
                 return None
             queue = state.queue
             batch: list[Item] = []
+            taken = self._sealer.taken
             while queue and len(batch) < limit:
-                item = queue.popleft()
+                item = taken(queue.popleft())
                 if self._turns.take(item):
                     batch.append(item)
             if not batch:
@@ -336,6 +338,14 @@ class Pump:
     async def _deliver(self, worker: Worker, client: OperationSender, item: Item) -> None:
         state = self._state
         try:
+            if isinstance(item, UsageFold) and item.needs_seal:
+                if self._bridge is None:
+                    sealed = self._sealer.seal_fold(item)
+                else:
+                    sealed = await spool_call(worker, self._sealer.seal_fold, item)
+                if not sealed:
+                    self._give_back(worker, item)
+                    return
             try:
                 if item.body is None:
                     item.body = self._encoder(item.operation, self._settings.dialect)
@@ -468,6 +478,16 @@ class Pump:
         # Only now, so a flush that returns has seen the hook called too.
         with state.lock:
             state.pending -= 1
+            state.cond.notify_all()
+
+    def _give_back(self, worker: Worker, fold: UsageFold) -> None:
+        """A fold whose rows went back to the spool unsealed: finished here, sent from there."""
+        state = self._state
+        with state.lock:
+            if not self._release(worker, fold):
+                return
+            state.pending -= fold.members
+            state.folded -= fold.members - 1
             state.cond.notify_all()
 
     def _split(self, worker: Worker, item: Item, failure: Exception) -> None:

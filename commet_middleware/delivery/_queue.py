@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from commet_middleware._models import Operation
+from commet_middleware._models import Operation, UsageEvent
 from commet_middleware._settings import CommetSettings
 from commet_middleware._spool import Spool
 
@@ -100,6 +100,7 @@ class DeliveryQueue:
         self._backoff_cap = backoff_cap
         self._rng = rng or random.Random()
         self._limit = settings.queue_limit
+        self._folding = settings.fold_when_behind and not settings.aggregate_window
         self._listeners: list[DeliveryListener] = []
         self._reset()
         if sender_factory is None:
@@ -117,6 +118,7 @@ class DeliveryQueue:
         self._sealer = Sealer(
             state,
             window=settings.aggregate_window,
+            fold=settings.fold_when_behind,
             clock=self._clock,
             spool=spool,
             encoder=self._encoder,
@@ -194,7 +196,9 @@ class DeliveryQueue:
                 return
             state = self._state
             with state.lock:
-                if state.pending < state.limit:
+                # A usage event is never refused when it can fold: it joins its group's waiting
+                # fold, or opens one (bounded by the groups waiting, not by the request rate).
+                if state.has_room() or (self._folding and isinstance(operation, UsageEvent)):
                     state.pending += 1
                     state.queued += 1
                     # No item yet: an aggregated usage event waits as a tuple (see Packed).
@@ -227,7 +231,7 @@ class DeliveryQueue:
             accepted = wake = False
             worker: Worker | None = None
             with state.cond:
-                while state.pending >= state.limit:
+                while not state.has_room():
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break

@@ -1,4 +1,6 @@
-"""Window aggregation in a queue: holds members in their groups and queues the sealed aggregates.
+"""Placing accepted operations: on the queue, into a waiting fold, or into a window's group.
+
+Folding (the default, ``settings.fold_when_behind``, when no window is set): see ``_folding``.
 
 Aggregation (``settings.aggregate_window``, off by default): usage events of one (customer,
 feature, properties) enqueued within a window are held (counted in ``pending``, spooled as usual)
@@ -26,6 +28,7 @@ from ._aggregation import (
     build_aggregate,
     quota_group_key,
 )
+from ._folding import Folds, QuotaFold, UsageFold
 from ._items import Encoder, Item, Member, Packed, unpack
 from ._state import QueueState
 
@@ -45,6 +48,7 @@ class Sealer:
         state: QueueState,
         *,
         window: float | None,
+        fold: bool = True,
         clock: Callable[[], float],
         spool: Spool | None,
         encoder: Encoder,
@@ -62,6 +66,9 @@ class Sealer:
         self._aggregator: Aggregator[Member] | None = (
             Aggregator(window, clock, max_members=group_limit) if window else None
         )
+        self.folds: Folds | None = (
+            Folds(quota=spool is None, clock=clock) if fold and not window else None
+        )
 
     @property
     def enabled(self) -> bool:
@@ -75,12 +82,34 @@ class Sealer:
         return aggregator.members if aggregator is not None else 0
 
     def place(self, operation: Operation, item: Item | None) -> bool:
-        """(Lock held.) Hold ``operation`` in its aggregation group or queue it; True: wake the
-        worker. ``item`` is its spooled item, if it has one (else made here when needed).
+        """(Lock held.) Queue ``operation``, fold it, or hold it in its window's group; True:
+        wake the worker. ``item`` is its spooled item, if it has one (else made when needed).
 
-        An aggregated member wakes the worker only when the earliest deadline moved.
+        A folded member never wakes the worker (its fold is queued already); an aggregated one
+        only when the earliest deadline moved.
         """
         state = self._state
+        folds = self.folds
+        if folds is not None:
+            if isinstance(operation, UsageEvent):
+                fold = folds.add_usage(
+                    operation,
+                    None if item is None else item.row_id,
+                    None if item is None else item.body,
+                )
+                if fold is None:
+                    state.folded += 1
+                    state.aggregated_members += 1
+                    return False
+                state.queue.append(fold)
+                return state.idle
+            queued = folds.add_quota(item or Item(operation))
+            if queued is None:
+                state.folded += 1
+                state.aggregated_members += 1
+                return False
+            state.queue.append(queued)
+            return state.idle
         aggregator = self._aggregator
         if aggregator is not None:
             if isinstance(operation, UsageEvent):
@@ -106,6 +135,57 @@ class Sealer:
                 self._seal_quota_key(operation.customer_id, operation.feature)
         state.queue.append(item or Item(operation))
         return state.idle
+
+    def taken(self, item: Item) -> Item:
+        """(Lock held.) The worker took ``item``: close it if it is a fold; return what to send.
+
+        A quota fold is sealed here, in memory, so its key's turn sees the summed add; a usage
+        fold is sealed by the pump (``seal_fold``), outside the lock.
+        """
+        folds = self.folds
+        if folds is None:
+            return item
+        folds.take(item)
+        if isinstance(item, QuotaFold):
+            sealed, joined = item.seal()
+            if joined:
+                self._state.pending -= joined
+                self._state.folded -= joined
+                self._state.cond.notify_all()
+            return sealed
+        return item
+
+    def seal_fold(self, fold: UsageFold) -> bool:
+        """Seal a taken usage fold of several members into its aggregate; False: it could not be
+        sealed, its member rows went back to the spool (to be sent one by one), it is finished.
+
+        Blocking with a spool (one transaction): the pump runs it through ``spool_call``.
+        """
+        aggregate = fold.aggregate()
+        body: bytes | None = None
+        row_id: int | None = None
+        spool = self._spool
+        if spool is not None and fold.row_ids:
+            try:
+                body = self._encoder(aggregate, self._dialect)
+                row_id = spool.seal_aggregate(fold.row_ids, aggregate, self._dialect, body)
+            except SpoolSealError as exc:
+                # A lease ran out: another process may hold a member. Each goes out with its
+                # own key from the spool, so Commet deduplicates whatever both send.
+                logger.warning("commet: not folding %d events: %s", fold.members, exc)
+                spool.release(fold.row_ids)
+                return False
+        state = self._state
+        with state.lock:
+            fold.operation = aggregate
+            fold.body = body
+            fold.row_id = row_id
+            fold.sealed = True
+            joined = fold.members - 1
+            state.pending -= joined
+            state.folded -= joined
+            state.cond.notify_all()
+        return True
 
     def seal(self, *, everything: bool) -> bool:
         """Seal the due groups (all if ``everything``) and queue them; True if any was sealed.

@@ -94,7 +94,7 @@ class SpoolBridge:
         state, spool, dialect = self._state, self.spool, self._settings.dialect
         quota = isinstance(item.operation, QuotaChange)
         with state.lock:
-            room = state.pending < state.limit and not (quota and self._quota_spilling)
+            room = state.has_room() and not (quota and self._quota_spilling)
             if room:  # reserve the place now; flush waits for it from here on
                 state.pending += 1
                 state.queued += 1
@@ -128,7 +128,7 @@ class SpoolBridge:
                 state.queued += 1
                 state.spilled += 1
                 # Only a full queue warns; a quota change behind a spilled one is no news.
-                warn = not self._spill_warned and state.pending >= state.limit
+                warn = not self._spill_warned and not state.has_room()
                 self._spill_warned |= warn
                 worker = state.worker
                 wake = state.idle

@@ -32,6 +32,9 @@ class QueueState:
         # Set by a worker that found nothing to take: an enqueue from then on pokes it.
         self.idle = False
         self.pending = 0
+        # Members that joined a waiting fold (see _folding): counted in ``pending``, but taking
+        # no place of their own, so ``pending - folded`` is what the queue holds.
+        self.folded = 0
         self.queued = 0
         self.sent = 0
         self.retried = 0
@@ -42,6 +45,10 @@ class QueueState:
         self.aggregated_members = 0
         self.aggregates_sent = 0
         self.aggregates_split = 0
+
+    def has_room(self) -> bool:
+        """(Lock held.) True while the places taken are fewer than ``limit``."""
+        return self.pending - self.folded < self.limit
 
     def is_current(self, worker: Worker) -> bool:
         """(Lock held.) True while ``worker`` is the one meant to take and finish items."""

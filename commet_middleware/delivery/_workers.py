@@ -119,17 +119,29 @@ class Worker(ABC):
 
 
 class TaskWorker(Worker):
-    """A worker that is a task on the app's running event loop."""
+    """A worker that is a task on the app's running event loop.
 
-    def __init__(self, max_concurrency: int) -> None:
+    The loop is the app's, and it may end before the process does (``asyncio.run`` in a script
+    or a test, a test client without lifespan): ``ended`` is called when the task was cancelled
+    by its loop's shutdown, so the slot hands the work to a thread at once rather than leaving
+    it until the next enqueue, or exit.
+    """
+
+    def __init__(self, max_concurrency: int, *, ended: Callable[[TaskWorker], None]) -> None:
         super().__init__(max_concurrency)
         self.task: asyncio.Task[None] | None = None
+        self._ended = ended
 
     def start(self, loop: asyncio.AbstractEventLoop, run: Run) -> None:
         """Start ``run(self)`` as a task of ``loop``, the calling thread's running loop."""
         self.loop = loop
         self.thread_id = threading.get_ident()
         self.task = loop.create_task(run(self))
+        self.task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() and not (self.retired or self.stop_requested):
+            self._ended(self)
 
     def alive(self) -> bool:
         """True while its task runs on a running loop."""
@@ -260,7 +272,7 @@ class WorkerSlot:
             if loop is None and self._prepare_thread is not None:
                 self._prepare_thread()  # here, never in the worker thread
             if loop is not None:
-                task_worker = TaskWorker(self._max_concurrency)
+                task_worker = TaskWorker(self._max_concurrency, ended=self._task_ended)
                 self._install(task_worker, current)
                 task_worker.start(loop, self._run)
                 return True
@@ -294,6 +306,20 @@ class WorkerSlot:
             self.ensure()
         elif wake:
             self.poke(worker)
+
+    def _task_ended(self, worker: TaskWorker) -> None:
+        """A worker's loop shut down under it: its work goes on in a thread, now."""
+        state = self._state
+        with state.lock:
+            if state.worker is not worker:
+                return
+            state.detach(worker, requeue=True)
+            work = bool(state.pending)
+        if work or self._keep_polling:
+            try:
+                self.ensure(thread_only=True)
+            except Exception:
+                logger.exception("commet: could not hand the delivery over to a thread")
 
     def _thread_ended(self, worker: ThreadWorker) -> None:
         if worker.stop_requested and not self._held_for_fork and self._state.pending:

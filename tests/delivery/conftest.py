@@ -180,7 +180,12 @@ def make_queue(
     made: list[DeliveryQueue] = []
 
     def build(encode: Encoder | None = None, **overrides: object) -> DeliveryQueue:
-        values: dict[str, object] = {"api_key": "ck_test_secret", "dead_letter": dead_letters}
+        values: dict[str, object] = {
+            "api_key": "ck_test_secret",
+            "dead_letter": dead_letters,
+            # Per-event mechanics: folding (the default) has its own tests in test_folding.py.
+            "fold_when_behind": False,
+        }
         values.update(overrides)
         queue = DeliveryQueue(
             CommetSettings(**values),  # type: ignore[arg-type]

@@ -54,7 +54,7 @@ def build(
             transport=fake.transport,
             dialect=dialect,
             dead_letter=dead_letters,
-            **overrides,  # type: ignore[arg-type]
+            **{"fold_when_behind": False, **overrides},  # type: ignore[arg-type]
         )
         queue = DeliveryQueue(settings, sleep=scaled_sleep)
         made.append(queue)

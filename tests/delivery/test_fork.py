@@ -87,7 +87,7 @@ def test_a_fork_mid_send_and_mid_retry_stops_the_thread_and_both_sides_deliver(
     sender.script["parent-retry"] = [CommetTransportError("down")]
     sleep = GatedSleep()
     queue = DeliveryQueue(
-        CommetSettings(api_key="ck_test_secret", dead_letter=dead_letters),
+        CommetSettings(api_key="ck_test_secret", dead_letter=dead_letters, fold_when_behind=False),
         sender_factory=lambda settings: sender,
         encoder=encoder,
         sleep=sleep,
@@ -194,7 +194,7 @@ def test_a_client_that_cannot_be_built_is_given_up_loudly_and_the_events_kept(
         await asyncio.sleep(0)
 
     queue = DeliveryQueue(
-        CommetSettings(api_key="ck_test_secret", dead_letter=dead_letters),
+        CommetSettings(api_key="ck_test_secret", dead_letter=dead_letters, fold_when_behind=False),
         sender_factory=factory,
         encoder=encoder,
         sleep=no_wait,

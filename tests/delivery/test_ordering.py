@@ -109,6 +109,8 @@ def build(
             "api_key": "ck_test",
             "dead_letter": dead_letters,
             "max_concurrency": 8,
+            # Per-event mechanics: folding (the default) has its own tests in test_folding.py.
+            "fold_when_behind": False,
         }
         values.update(overrides)
         queue = DeliveryQueue(
@@ -274,17 +276,22 @@ def run_script(fake: FakeCommet, queue: DeliveryQueue, prefix: str) -> list[Quot
     return actions
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["one-by-one", "folding"])
 def test_interleaved_changes_under_a_hard_ceiling_all_count(
-    fake: FakeCommet, dead_letters: DeadLetters, sleep: FastSleep
+    fake: FakeCommet, dead_letters: DeadLetters, sleep: FastSleep, fold: bool
 ) -> None:
-    """Adds and removes near a hard ceiling, with failures and latency, end at the right balance."""
+    """Adds and removes near a hard ceiling, with failures and latency, end at the right balance;
+    folded adds (the default) apply in the same order, unit for unit."""
     assert balanced_script().count("remove") >= 5
-    queue = DeliveryQueue(emulator_settings(fake, dead_letters), sleep=sleep)
+    queue = DeliveryQueue(emulator_settings(fake, dead_letters, fold_when_behind=fold), sleep=sleep)
     actions = run_script(fake, queue, "mem")
     assert not dead_letters.received
     assert fake.faults.injected["fail_next"] == 3
     assert fake.quota("acme", "tasks").current == expected_balance(actions)
-    assert [e.action for e in fake.quota_events("acme", "tasks")] == actions
+    applied = [e.action for e in fake.quota_events("acme", "tasks") for _ in range(e.count)]
+    assert applied == actions
+    if not fold:
+        assert len(fake.quota_events("acme", "tasks")) == len(actions)
 
 
 @pytest.mark.parametrize("queue_limit", [1000, 6], ids=["in-memory", "spilling"])

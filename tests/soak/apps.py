@@ -2,8 +2,10 @@
 
 Configured from the environment: ``COMMET_BASE_URL``, ``COMMET_API_KEY``, ``COMMET_SPOOL`` as
 usual, plus ``SOAK_SHUTDOWN_TIMEOUT`` (seconds, default 10), ``SOAK_QUEUE_LIMIT`` (default
-10000) and ``SOAK_MAX_CONCURRENCY`` (default 8). The customer comes from ``x-customer``; event
-keys come from the client's ``Idempotency-Key``, so the load generator knows every key.
+10000), ``SOAK_MAX_CONCURRENCY`` (default 8) and ``SOAK_FOLD`` (default 0: every event goes
+with its own key, so the soak can check each one; 1: the default folding of a sender behind).
+The customer comes from ``x-customer``; event keys come from the client's ``Idempotency-Key``,
+so the load generator knows every key.
 
     uvicorn --app-dir tests/soak apps:asgi_app
     gunicorn --chdir tests/soak apps:wsgi_app
@@ -27,6 +29,7 @@ def settings() -> CommetSettings:
         shutdown_timeout=float(os.environ.get("SOAK_SHUTDOWN_TIMEOUT", "10")),
         queue_limit=int(os.environ.get("SOAK_QUEUE_LIMIT", "10000")),
         max_concurrency=int(os.environ.get("SOAK_MAX_CONCURRENCY", "8")),
+        fold_when_behind=os.environ.get("SOAK_FOLD", "0") == "1",
         backoff_base=0.05,
         retry_after_cap=2.0,
         timeout=5.0,

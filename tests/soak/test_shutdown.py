@@ -74,6 +74,31 @@ def test_sigterm_drains_the_queue(
     assert Spool(spool_path).stats().pending == 0
 
 
+@pytest.mark.parametrize("kind", ["uvicorn", "gunicorn-sync"])
+def test_sigterm_drains_a_folded_backlog(
+    kind: str, commet: tuple[FakeCommet, str], tmp_path: Path
+) -> None:
+    """With the default folding, a backlog at SIGTERM is delivered as exact totals: Commet's
+    ledger adds up to one unit per request served, and the spool is empty."""
+    fake, url = commet
+    spool_path = tmp_path / "spool.sqlite3"
+    fake.faults.latency(0.1)
+    env = {
+        "COMMET_BASE_URL": url,
+        "COMMET_API_KEY": API_KEY,
+        "COMMET_SPOOL": str(spool_path),
+        "SOAK_SHUTDOWN_TIMEOUT": "20",
+        "SOAK_MAX_CONCURRENCY": "1",
+        "SOAK_FOLD": "1",
+    }
+    server = start_server(kind, env, preload=False, workers=2, log_dir=tmp_path)
+    _load(server.url, "fold")
+    server.stop(signal.SIGTERM, timeout=60)
+    assert fake.usage_total("cust_1", "api_calls") == REQUESTS, server.log.read_text()
+    assert len(fake.events()) < REQUESTS  # some of them were folded
+    assert Spool(spool_path).stats().pending == 0
+
+
 @pytest.mark.parametrize(("kind", "preload"), SERVERS)
 def test_sigterm_deadline_leaves_the_rest_in_the_spool(
     kind: str, preload: bool, commet: tuple[FakeCommet, str], tmp_path: Path
@@ -97,7 +122,11 @@ def test_sigterm_deadline_leaves_the_rest_in_the_spool(
     assert stats.claimed == 0
     # The next process (here: a queue in the test) delivers them, each once.
     fake.faults.clear()
-    queue = DeliveryQueue(CommetSettings(api_key=API_KEY, base_url=url, spool_path=str(spool_path)))
+    queue = DeliveryQueue(
+        CommetSettings(
+            api_key=API_KEY, base_url=url, spool_path=str(spool_path), fold_when_behind=False
+        )
+    )
     queue.start()
     assert queue.close(30)
     assert Counter(event.idempotency_key for event in fake.events()) == Counter(keys)

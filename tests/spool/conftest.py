@@ -113,6 +113,8 @@ def make_queue(
             "api_key": "ck_test",
             "dead_letter": dead_letters,
             "spool_path": str(spool_path),
+            # Per-event mechanics: folding (the default) has its own tests in test_folding.py.
+            "fold_when_behind": False,
         }
         values.update(overrides)
         queue = DeliveryQueue(

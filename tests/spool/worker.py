@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     mode, path = argv[0], argv[1]
     if mode == "crash":
         queue = DeliveryQueue(
-            CommetSettings(api_key="ck_test", spool_path=path),
+            CommetSettings(api_key="ck_test", spool_path=path, fold_when_behind=False),
             sender_factory=lambda settings: HangingSender(),
         )
         for i in range(int(argv[2])):
@@ -48,7 +48,13 @@ def main(argv: list[str]) -> int:
     out, prefix, count = argv[2], argv[3], int(argv[4])
     sender = FileSender(out)
     queue = DeliveryQueue(
-        CommetSettings(api_key="ck_test", spool_path=path, max_concurrency=4, batch_size=5),
+        CommetSettings(
+            api_key="ck_test",
+            spool_path=path,
+            max_concurrency=4,
+            batch_size=5,
+            fold_when_behind=False,  # each event checked by its own key
+        ),
         sender_factory=lambda settings: sender,
     )
     queue.start()
