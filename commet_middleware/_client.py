@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import anyio
 import httpx
 
-from ._errors import CommetError, CommetTransportError
+from ._errors import CommetAPIError, CommetError, CommetTransportError
 from ._models import (
     Operation,
     QuotaAction,
@@ -116,6 +116,13 @@ def _quota_change(
     )
 
 
+def _locate(error: CommetAPIError, request: WireRequest, settings: CommetSettings) -> None:
+    # Where the request went, for configuration_hint ("404 ... at POST /api/v1/usage/events").
+    error.method = request.method
+    error.path = request.path
+    error.base_url = settings.base_url
+
+
 def _transport_error(exc: httpx.RequestError, request: WireRequest, secret: str) -> CommetError:
     what = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
     detail = str(exc).replace(secret, "[redacted]") if secret else str(exc)
@@ -152,7 +159,11 @@ class _ClientBase:
 
     def _finish(self, request: WireRequest, response: httpx.Response, parse: Parser[T]) -> T:
         _warn_if_deprecated(response.headers, request.path)
-        return parse(response.status_code, response.headers, response.content)
+        try:
+            return parse(response.status_code, response.headers, response.content)
+        except CommetAPIError as error:
+            _locate(error, request, self._settings)
+            raise
 
     def _parse_track(self, event: UsageEvent) -> Parser[TrackResult]:
         secret = self._settings.api_key

@@ -14,7 +14,13 @@ class CommetError(Exception):
 
 
 class CommetAPIError(CommetError):
-    """Commet answered with an error status. Carries what it said, never the API key."""
+    """Commet answered with an error status, or a 2xx that is not its answer (``status`` 2xx,
+    ``code`` ``invalid_response``). Carries what it said, never the API key.
+
+    ``retryable`` says whether a direct client call retries it (see ``_retry.is_retryable``);
+    ``method``, ``path`` and ``base_url`` say where the request went, when the toolkit's client
+    raised it (for ``_retry.configuration_hint``).
+    """
 
     def __init__(
         self,
@@ -28,6 +34,9 @@ class CommetAPIError(CommetError):
         request_id: str | None = None,
         retryable: bool = False,
         retry_after: float | None = None,
+        method: str | None = None,
+        path: str | None = None,
+        base_url: str | None = None,
     ) -> None:
         self.status = status
         self.type = type
@@ -38,6 +47,9 @@ class CommetAPIError(CommetError):
         self.request_id = request_id
         self.retryable = retryable
         self.retry_after = retry_after
+        self.method = method
+        self.path = path
+        self.base_url = base_url
         super().__init__(self._describe())
 
     def _describe(self) -> str:

@@ -19,10 +19,10 @@ from typing import Any
 from ._errors import CommetAPIError
 from ._models import Operation, UsageEvent
 from ._results import QuotaAllowance, QuotaChangeResult, TrackResult
+from ._retry import classify, is_retryable
 from ._settings import CommetSettings, Dialect
 
 __all__ = [
-    "RETRYABLE_STATUSES",
     "WireRequest",
     "build_get_all_quotas",
     "build_get_quota",
@@ -37,9 +37,6 @@ __all__ = [
     "parse_track",
     "request_idempotency_key",
 ]
-
-# Statuses that are worth another try with the same key and body, whatever the error code.
-RETRYABLE_STATUSES = frozenset({408, 500, 502, 503, 504})
 
 _V1_PATHS = {
     "track": "/api/v1/usage/events",
@@ -274,7 +271,8 @@ def parse_error(
     """Return the error that a non-2xx answer describes, with ``retryable`` worked out.
 
     Reads ``{"error": {...}}`` or the same keys at the top level. ``secret`` (the API key)
-    is scrubbed from anything Commet echoed back.
+    is scrubbed from anything Commet echoed back. ``retryable`` and which ``Retry-After`` is kept
+    follow ``_retry`` (the one rule set): a transient answer keeps its wait, whatever its status.
     """
     data = _json(body)
     fields: Mapping[str, Any] = {}
@@ -299,12 +297,7 @@ def parse_error(
     if message is None:
         message = text("message")
     retry_after = _retry_after(headers)
-    if status == 429:
-        retryable = retry_after is not None
-    elif status == 409:
-        retryable = code == "idempotency_in_progress"
-    else:
-        retryable = status in RETRYABLE_STATUSES
+    transient = classify(CommetAPIError(status, code=code)) == "transient"
     return CommetAPIError(
         status,
         type=text("type"),
@@ -313,19 +306,61 @@ def parse_error(
         param=_redact(text("param"), secret),
         details=fields.get("details"),
         request_id=_header(headers, "x-request-id"),
-        retryable=retryable,
-        # Honoured on any retryable answer: a 503 during maintenance often names its wait too.
-        retry_after=retry_after if retryable else None,
+        retryable=is_retryable(status, code, retry_after),
+        # Honoured on any transient answer: a 503 during maintenance often names its wait too.
+        retry_after=retry_after if transient else None,
     )
 
 
-def _invalid(status: int, headers: Mapping[str, str], what: str) -> CommetAPIError:
+def _sniff(headers: Mapping[str, str], body: bytes, secret: str | None) -> str:
+    """A short description of an answer that was not Commet's, for the error message."""
+    if not body:
+        return "an empty body"
+    kind = _header(headers, "Content-Type") or "no content type"
+    start = body[:60].decode("utf-8", "replace").replace("\n", " ").strip()
+    return f"{len(body)} bytes of {kind}: {_redact(start, secret)!r}"
+
+
+def _invalid(
+    status: int, headers: Mapping[str, str], body: bytes, what: str, secret: str | None = None
+) -> CommetAPIError:
+    # A 2xx that is not Commet's answer came from something else (a proxy's or captive
+    # portal's page, a wrong base URL, a body cut short): nothing says Commet recorded the
+    # operation, so it is a transient failure, retried with the same key and bytes.
+    code = "invalid_response"
     return CommetAPIError(
         status,
         type="api_error",
-        code="invalid_response",
-        message=f"expected {what} in the response body",
+        code=code,
+        message=f"expected {what} in the {status} answer, got {_sniff(headers, body, secret)}",
         request_id=_header(headers, "x-request-id"),
+        retryable=is_retryable(status, code, None),
+    )
+
+
+def _is_usage_event(data: Any) -> bool:
+    # The reference's UsageEvent has object "usage_event"; without that field, the fields that
+    # name the event are required instead.
+    if not isinstance(data, dict):
+        return False
+    kind = data.get("object")
+    if kind is not None:
+        return bool(kind == "usage_event")
+    feature = data.get("featureCode", data.get("feature"))
+    return all(isinstance(v, str) and v for v in (data.get("id"), data.get("customerId"), feature))
+
+
+def _is_quota_event(data: Any) -> bool:
+    if not isinstance(data, dict):
+        return False
+    kind = data.get("object")
+    if kind is not None:
+        return bool(kind == "usage_quota_event")
+    balance = data.get("newBalance")
+    return (
+        all(isinstance(data.get(k), str) and data.get(k) for k in ("id", "featureCode"))
+        and isinstance(balance, (int, float))
+        and not isinstance(balance, bool)
     )
 
 
@@ -345,12 +380,18 @@ def parse_track(
     key was already sent with another body (a request the app executed again, with a new
     timestamp): Commet has the event. When ``event`` is given, fields the answer leaves out are
     filled from it.
+
+    A 2xx counts only with a UsageEvent body (bare or in the ``{"success", "data"}`` envelope);
+    anything else (an HTML page, a body cut short, JSON of another shape) raises a transient
+    ``invalid_response`` error: only what Commet recorded counts as delivered.
     """
     request_id = _header(headers, "x-request-id")
     if 200 <= status < 300:
         data = _unwrap(_json(body))
+        if not _is_usage_event(data):
+            raise _invalid(status, headers, body, "a UsageEvent", secret)
         result = TrackResult.from_json(
-            data if isinstance(data, dict) else {},
+            data,
             replayed=_flag(headers, "Idempotent-Replayed"),
             request_id=request_id,
         )
@@ -381,12 +422,18 @@ def _fill_from_event(result: TrackResult, event: UsageEvent) -> TrackResult:
 def parse_quota_change(
     status: int, headers: Mapping[str, str], body: bytes, *, secret: str | None = None
 ) -> QuotaChangeResult:
-    """Return what a quota add/remove/set answer says, or raise :class:`CommetAPIError`."""
+    """Return what a quota add/remove/set answer says, or raise :class:`CommetAPIError`.
+
+    As for :func:`parse_track`, a 2xx counts only with a UsageQuotaEvent body; anything else
+    raises a transient ``invalid_response`` error.
+    """
     if not 200 <= status < 300:
         raise parse_error(status, headers, body, secret=secret)
     data = _unwrap(_json(body))
+    if not _is_quota_event(data):
+        raise _invalid(status, headers, body, "a UsageQuotaEvent", secret)
     return QuotaChangeResult.from_json(
-        data if isinstance(data, dict) else {},
+        data,
         replayed=_flag(headers, "Idempotent-Replayed"),
         request_id=_header(headers, "x-request-id"),
     )
@@ -414,7 +461,7 @@ def parse_quota(
         raise parse_error(status, headers, body, secret=secret)
     data = _unwrap(_json(body))
     if not isinstance(data, dict):
-        raise _invalid(status, headers, "a UsageQuota object")
+        raise _invalid(status, headers, body, "a UsageQuota object", secret)
     return QuotaAllowance.from_json(data)
 
 
@@ -428,5 +475,5 @@ def parse_all_quotas(
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise _invalid(status, headers, "a list of UsageQuota objects")
+        raise _invalid(status, headers, body, "a list of UsageQuota objects", secret)
     return [QuotaAllowance.from_json(item) for item in data if isinstance(item, dict)]

@@ -117,7 +117,9 @@ async def test_track_makes_a_key_and_keeps_it_and_the_bytes_across_retries(
     harness: Harness,
 ) -> None:
     """Without a key, track() makes a uuid4 one; every retry repeats the key and the body bytes."""
-    script = Script(error(503, "internal_error"), error(500, "internal_error"), answer(201, {}))
+    script = Script(
+        error(503, "internal_error"), error(500, "internal_error"), answer(201, USAGE_EVENT)
+    )
     client = harness.client(script)
     await harness.call(client, "track", "cus_1", "api_calls")
     assert len(script.requests) == 3
@@ -135,7 +137,7 @@ async def test_track_makes_a_key_and_keeps_it_and_the_bytes_across_retries(
 
 async def test_two_track_calls_get_two_keys(harness: Harness) -> None:
     """A generated key belongs to one call: a second call is a second event."""
-    script = Script(answer(201, {}))
+    script = Script(answer(201, USAGE_EVENT))
     client = harness.client(script)
     await harness.call(client, "track", "cus_1", "api_calls")
     await harness.call(client, "track", "cus_1", "api_calls")
@@ -199,7 +201,7 @@ async def test_retry_after_is_honoured_and_capped(harness: Harness) -> None:
 async def test_retry_after_on_a_server_error_is_honoured(harness: Harness) -> None:
     """A 503 that names its wait in Retry-After is retried after that wait, not the backoff."""
     script = Script(
-        error(503, "internal_error", "internal_error", Retry_After="4"), answer(201, {})
+        error(503, "internal_error", "internal_error", Retry_After="4"), answer(201, USAGE_EVENT)
     )
     client = harness.client(script)
     await harness.call(client, "track", "cus_1", "api_calls")

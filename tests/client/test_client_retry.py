@@ -52,7 +52,27 @@ def test_non_retryable_errors_are_not_retried(error: Exception) -> None:
 
 
 def test_retry_after_replaces_backoff_and_is_capped() -> None:
-    """Retry-After is waited as given, without jitter, and never beyond retry_after_cap."""
+    """A Retry-After longer than the backoff is waited as given, never beyond retry_after_cap."""
     policy = RetryPolicy(retry_after_cap=30.0, random=lambda: 1.0)
     assert policy.delay(CommetAPIError(429, retryable=True, retry_after=7), 0) == 7
     assert policy.delay(CommetAPIError(429, retryable=True, retry_after=600), 0) == 30.0
+
+
+def test_a_short_retry_after_is_a_floor_not_a_replacement() -> None:
+    """One rule with the pipeline: the wait is the backoff, or Retry-After if that is longer."""
+    policy = RetryPolicy(random=lambda: 1.0)
+    assert policy.delay(CommetAPIError(503, retry_after=0.1), 0) == 0.5
+    assert policy.delay(CommetAPIError(503, retry_after=0.1), 2) == 2.0
+
+
+def test_a_429_without_retry_after_is_raised_by_a_direct_call() -> None:
+    """The direct client's one exception to the transient rule: a 429 naming no wait."""
+    assert RetryPolicy().delay(CommetAPIError(429, code="rate_limited"), 0) is None
+    assert RetryPolicy(random=lambda: 1.0).delay(CommetAPIError(429, retry_after=2), 0) == 2
+
+
+def test_the_policy_follows_classify_not_the_flag() -> None:
+    """A 503 is retried and a 401 is not, whatever retryable an error was built with."""
+    policy = RetryPolicy(random=lambda: 1.0)
+    assert policy.delay(CommetAPIError(503, code="internal_error"), 0) == 0.5
+    assert policy.delay(CommetAPIError(401, code="unauthorized", retryable=True), 0) is None
