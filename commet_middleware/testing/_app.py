@@ -288,8 +288,13 @@ class RequestHandler:
         dialect: Dialect | None = route[0] if route else None
         replayed = False
 
-        def finish(reply: Reply, fault: str | None = None) -> Reply:
-            reply.headers += [("content-type", "application/json"), ("x-request-id", request_id)]
+        def finish(
+            reply: Reply, fault: str | None = None, content_type: str | None = None
+        ) -> Reply:
+            reply.headers += [
+                ("content-type", content_type or "application/json"),
+                ("x-request-id", request_id),
+            ]
             if dialect == "legacy":
                 successor = path.replace("/api/usage", "/api/v1/usage", 1)
                 reply.headers += [
@@ -319,6 +324,9 @@ class RequestHandler:
         if decision is not None:
             if decision.kind == "drop_next":
                 raise drop(decision.kind)
+            if decision.body is not None:  # a canned answer, exactly as the fault gives it
+                reply = Reply(decision.status, decision.body)
+                return finish(reply, decision.kind, decision.content_type)
             return finish(problem_reply(_fault_problem(decision)), decision.kind)
 
         delay = self.faults.delay()

@@ -270,6 +270,11 @@ class Dashboard:
             "fail-next": self._fail_next,
             "rate-limit-next": self._rate_limit_next,
             "drop-next": self._drop_next,
+            "html-next": self._canned(self._faults.html_next),
+            "truncated-next": self._canned(self._faults.truncated_next),
+            "unauthorized-next": self._canned(self._faults.unauthorized_next),
+            "forbidden-next": self._canned(self._faults.forbidden_next),
+            "bare-not-found-next": self._canned(self._faults.bare_not_found_next),
             "clear": lambda _data: self._faults.clear(),
         }
 
@@ -353,6 +358,10 @@ class Dashboard:
 
     def _drop_next(self, data: dict[str, Any]) -> None:
         self._faults.drop_next(_whole(data, "n", 1, 1, 1000))
+
+    @staticmethod
+    def _canned(arm: Callable[[int], None]) -> Callable[[dict[str, Any]], None]:
+        return lambda data: arm(_whole(data, "n", 1, 1, 1000))
 
     # server-sent events
 

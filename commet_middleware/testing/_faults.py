@@ -1,7 +1,9 @@
-"""Failures to inject into the emulator: errors, rate limits, latency, dropped connections."""
+"""Failures to inject into the emulator: errors, rate limits, latency, dropped connections, and
+answers that are not Commet's (an HTML page, a body cut short, a rejected key, a wrong URL)."""
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 
 import anyio
 
-__all__ = ["ConnectionDropped", "FaultDecision", "Faults", "Hold", "Wait"]
+__all__ = ["CANNED_ANSWERS", "ConnectionDropped", "FaultDecision", "Faults", "Hold", "Wait"]
 
 
 class ConnectionDropped(Exception):
@@ -19,11 +21,62 @@ class ConnectionDropped(Exception):
 
 @dataclass(frozen=True)
 class FaultDecision:
-    """What to do instead of (or after) the real answer."""
+    """What to do instead of (or after) the real answer.
+
+    ``body`` set: answer exactly ``status``, ``body`` and ``content_type`` (a canned answer,
+    see :data:`CANNED_ANSWERS`); otherwise the handler renders Commet's error body for ``status``.
+    """
 
     kind: str
     status: int = 0
     retry_after: int = 0
+    body: bytes | None = None
+    content_type: str = "application/json"
+
+
+def _commet_error(type_: str, code: str, message: str) -> bytes:
+    error = {"type": type_, "code": code, "message": message, "param": None, "details": None}
+    error["doc_url"] = f"https://commet.co/docs/errors#{code}"
+    return json.dumps({"error": error}, separators=(",", ":")).encode()
+
+
+_TRUNCATED_EVENT = json.dumps(
+    {
+        "id": "uev_truncated",
+        "featureCode": "api_calls",
+        "value": 1,
+        "customerId": "user_123",
+        "object": "usage_event",
+    },
+    separators=(",", ":"),
+).encode()
+
+# The canned answers of the ``*_next`` faults that replace Commet's answer without reaching the
+# ledger: (status, content type, body). The first two are 2xx that are not Commet's answer, the
+# last three are what a wrong key or a wrong base URL gets.
+CANNED_ANSWERS: dict[str, tuple[int, str, bytes]] = {
+    # A proxy's or captive portal's login page.
+    "html_next": (
+        200,
+        "text/html; charset=utf-8",
+        b"<!DOCTYPE html><html><head><title>Sign in</title></head>"
+        b"<body><form action='/login'></form></body></html>",
+    ),
+    # A UsageEvent cut off mid-body (a connection closed early behind a proxy).
+    "truncated_next": (201, "application/json", _TRUNCATED_EVENT[: len(_TRUNCATED_EVENT) // 2]),
+    "unauthorized_next": (
+        401,
+        "application/json",
+        _commet_error("authentication_error", "unauthorized", "Missing or invalid x-api-key."),
+    ),
+    "forbidden_next": (
+        403,
+        "application/json",
+        _commet_error("authentication_error", "forbidden", "This API key may not do this."),
+    ),
+    # Some other server's 404 page: no Commet error body at all.
+    "bare_not_found_next": (404, "text/plain; charset=utf-8", b"Not Found"),
+}
 
 
 class Hold:
@@ -92,10 +145,12 @@ class Wait:
 class Faults:
     """Failure injection, shared by the transport and the real server; thread-safe.
 
-    Before processing, in this order: ``drop_next``, ``rate_limit_next``, ``fail_next``,
-    ``error_rate`` (nothing is written). Then ``latency`` delays every request. After a
-    mutation committed: ``drop_after_write_next``, then ``fail_after_write_next`` replace the
-    answer, which is how a "lost response" is simulated. ``injected`` counts each kind.
+    Before processing, in this order: ``drop_next``, ``rate_limit_next``, ``fail_next``, the
+    canned answers (``html_next``, ``truncated_next``, ``unauthorized_next``, ``forbidden_next``,
+    ``bare_not_found_next``, in the order they were armed), ``error_rate`` (nothing is written).
+    Then ``latency`` delays every request. After a mutation committed:
+    ``drop_after_write_next``, then ``fail_after_write_next`` replace the answer, which is how a
+    "lost response" is simulated. ``injected`` counts each kind.
     """
 
     def __init__(self, seed: int = 0) -> None:
@@ -111,6 +166,7 @@ class Faults:
             self._drop = 0
             self._rate_limit: list[int] = []
             self._fail: list[int] = []
+            self._canned: list[str] = []
             self._rate = 0.0
             self._rate_status = 500
             self._random = random.Random(self._seed)
@@ -136,6 +192,7 @@ class Faults:
                 "error_rate_status": self._rate_status,
                 "latency": self._latency,
                 "fail_next": list(self._fail),
+                **{kind: self._canned.count(kind) for kind in CANNED_ANSWERS},
                 "rate_limit_next": len(self._rate_limit),
                 "drop_next": self._drop,
                 "fail_after_write_next": list(self._fail_after),
@@ -148,6 +205,33 @@ class Faults:
         """Answer the next ``n`` requests with ``status`` and an internal_error body."""
         with self._lock:
             self._fail.extend([status] * n)
+
+    def html_next(self, n: int = 1) -> None:
+        """Answer the next ``n`` requests with 200 and an HTML page; nothing is recorded."""
+        self._arm("html_next", n)
+
+    def truncated_next(self, n: int = 1) -> None:
+        """Answer the next ``n`` requests with 201 and a JSON body cut in half; nothing recorded."""
+        self._arm("truncated_next", n)
+
+    def unauthorized_next(self, n: int = 1) -> None:
+        """Answer the next ``n`` requests with 401 ``unauthorized``, whatever their key."""
+        self._arm("unauthorized_next", n)
+
+    def forbidden_next(self, n: int = 1) -> None:
+        """Answer the next ``n`` requests with 403 ``forbidden``."""
+        self._arm("forbidden_next", n)
+
+    def bare_not_found_next(self, n: int = 1) -> None:
+        """Answer the next ``n`` requests with a plain-text 404 and no Commet error code, as a
+        server that is not Commet would (a wrong base URL)."""
+        self._arm("bare_not_found_next", n)
+
+    def _arm(self, kind: str, n: int) -> None:
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        with self._lock:
+            self._canned.extend([kind] * n)
 
     def error_rate(self, rate: float, status: int = 500, *, seed: int | None = None) -> None:
         """Answer a seeded-random ``rate`` (0..1) of requests with ``status``."""
@@ -202,6 +286,12 @@ class Faults:
                 return self._count(FaultDecision("rate_limit_next", 429, self._rate_limit.pop(0)))
             if self._fail:
                 return self._count(FaultDecision("fail_next", self._fail.pop(0)))
+            if self._canned:
+                kind = self._canned.pop(0)
+                status, content_type, body = CANNED_ANSWERS[kind]
+                return self._count(
+                    FaultDecision(kind, status, body=body, content_type=content_type)
+                )
             if self._rate and self._random.random() < self._rate:
                 return self._count(FaultDecision("error_rate", self._rate_status))
             return None

@@ -155,3 +155,85 @@ def test_reset_keeps_the_catalogue(client: httpx.Client, fake: FakeCommet) -> No
     assert (fake.events(), fake.quota_events(), fake.requests) == ([], [], [])
     assert fake.quota("user_123", "tasks").current == 0
     assert client.post(EVENTS, json={**EVENT, "eventId": "x"}).status_code == 201
+
+
+# --- answers that are not Commet's: nothing reaches the ledger --------------------------------
+
+CANNED = [
+    ("html_next", 200, "text/html"),
+    ("truncated_next", 201, "application/json"),
+    ("unauthorized_next", 401, "application/json"),
+    ("forbidden_next", 403, "application/json"),
+    ("bare_not_found_next", 404, "text/plain"),
+]
+
+
+@pytest.mark.parametrize(("kind", "status", "content_type"), CANNED)
+def test_canned_answers_replace_the_answer_and_record_nothing(
+    client: httpx.Client, fake: FakeCommet, kind: str, status: int, content_type: str
+) -> None:
+    """Each canned fault answers its status and content type n times, then Commet answers again;
+    the faulted events are not recorded (they never reached Commet)."""
+    getattr(fake.faults, kind)(2)
+    faulted = [client.post(EVENTS, json={**EVENT, "eventId": f"e{i}"}) for i in range(2)]
+    assert [r.status_code for r in faulted] == [status, status]
+    assert all(r.headers["content-type"].startswith(content_type) for r in faulted)
+    assert fake.events() == []
+    assert client.post(EVENTS, json={**EVENT, "eventId": "e0"}).status_code == 201
+    assert [e.idempotency_key for e in fake.events()] == ["e0"]
+    assert fake.faults.injected == {kind: 2}
+    assert [r.fault for r in fake.requests] == [kind, kind, None]
+
+
+def test_canned_answers_are_not_commets_answers(client: httpx.Client, fake: FakeCommet) -> None:
+    """HTML 200 is a page, truncated 201 is not JSON, 401/403 carry Commet's codes, the bare 404
+    carries no error code at all."""
+    for kind, _, _ in CANNED:
+        getattr(fake.faults, kind)()
+    html, truncated, unauthorized, forbidden, bare = (
+        client.post(EVENTS, json=EVENT) for _ in CANNED
+    )
+    assert html.text.lstrip().lower().startswith("<!doctype html>")
+    with pytest.raises(ValueError):  # noqa: PT011 - json's own error
+        truncated.json()
+    assert truncated.content.startswith(b'{"id":')
+    assert error_of(unauthorized)["code"] == "unauthorized"
+    assert error_of(forbidden)["code"] == "forbidden"
+    assert b"error" not in bare.content
+    assert fake.events() == []
+
+
+def test_canned_answers_apply_to_quota_changes_and_keep_their_order(
+    client: httpx.Client, fake: FakeCommet
+) -> None:
+    """Canned faults are used up in the order they were armed, on any request, writing nothing."""
+    fake.faults.truncated_next(1)
+    fake.faults.unauthorized_next(1)
+    quota = {**EVENT, "featureCode": "tasks"}
+    statuses = [client.post("/api/v1/usage/quota", json=quota).status_code for _ in range(3)]
+    assert statuses == [201, 401, 200]
+    assert fake.quota("user_123", "tasks").current == 1
+
+
+def test_clear_disarms_canned_answers(client: httpx.Client, fake: FakeCommet) -> None:
+    """clear() removes armed canned answers too."""
+    fake.faults.html_next(3)
+    assert fake.faults.pending()["html_next"] == 3
+    fake.faults.clear()
+    assert fake.faults.pending()["html_next"] == 0
+    assert client.post(EVENTS, json=EVENT).status_code == 201
+
+
+@pytest.mark.server
+def test_canned_answers_are_armed_from_the_dashboard(fake: FakeCommet) -> None:
+    """POST /_emulator/faults/<kind> arms each canned answer over HTTP, like the other faults."""
+    with fake.serve() as url, httpx.Client(base_url=url, timeout=5) as dashboard:
+        for kind, status, _ in CANNED:
+            control = kind.replace("_", "-")
+            armed = dashboard.post(f"/_emulator/faults/{control}", json={"n": 1})
+            assert armed.json()["faults"][kind] == 1
+            answer = dashboard.post(EVENTS, json=EVENT, headers=HEADERS)
+            assert answer.status_code == status
+        refused = dashboard.post("/_emulator/faults/html-next", json={"n": 0})
+        assert refused.status_code == 400
+    assert fake.events() == []
