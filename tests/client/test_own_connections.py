@@ -4,8 +4,12 @@ the emulator under uvicorn, and raw servers that misbehave on purpose."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 
@@ -377,3 +381,83 @@ def test_httpx_serves_a_transport_a_proxy_and_credentials_in_the_url(
     assert AsyncCommetClient(CommetSettings(base_url="https://commet.co"))._pool is not None
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
     assert AsyncCommetClient(CommetSettings(base_url="https://commet.co"))._pool is None
+
+
+# --- TLS, as to https://commet.co ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (made with the openssl command)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = str(where / "cert.pem"), str(where / "key.pem")
+    command = [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+    command += ["-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1"]
+    command += ["-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(  # noqa: S603 - the openssl command with fixed arguments
+        command,
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@asynccontextmanager
+async def tls_server(certificate: tuple[str, str], handler: Handler) -> AsyncIterator[str]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*certificate)
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"https://127.0.0.1:{port}"
+    finally:
+        server.close()
+
+
+async def test_https_with_a_trusted_certificate(
+    certificate: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over TLS the events go through, on one kept-alive connection, trusting SSL_CERT_FILE as
+    httpx does."""
+    monkeypatch.setenv("SSL_CERT_FILE", certificate[0])
+    connections: list[int] = []
+
+    async def answer_all(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            while True:
+                await read_request(reader)
+                writer.write(OK)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async with tls_server(certificate, answer_all) as url:
+        client = own_client(url)
+        for i in range(3):
+            assert isinstance(await client.send_once(event(f"k{i}")), TrackResult)
+        await client.aclose()
+    assert len(connections) == 1
+
+
+async def test_https_with_an_untrusted_certificate_is_a_transport_error(
+    certificate: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A certificate the client does not trust fails the connection: nothing is sent."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    requests: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            requests.append(await read_request(reader))
+        writer.close()
+
+    async with tls_server(certificate, record) as url:
+        client = own_client(url)
+        with pytest.raises(CommetTransportError, match="ConnectError"):
+            await client.send_once(event("k"))
+        await client.aclose()
+    assert requests == []
