@@ -380,8 +380,8 @@ class AsyncCommetClient(_ClientBase):
     """An asynchronous Commet client: the same API as :class:`CommetClient`, awaited.
 
     Under asyncio, with no ``settings.transport`` and no proxy in the environment, requests go
-    over the client's own keep-alive HTTP/1.1 connections (``_http11``): about a fifth of the
-    CPU of ``httpx.AsyncClient`` per event (``bench/sender_cost.py``). Otherwise (a transport
+    over the client's own keep-alive HTTP/1.1 connections (``_http11``): about a sixteenth of
+    the CPU of ``httpx.AsyncClient`` per event (``./dev bench sender_cost``). Otherwise (a transport
     given, as tests and the emulator do; a proxy; another async library) over one pooled
     ``httpx.AsyncClient``. ``sleep`` replaces ``anyio.sleep``.
     """

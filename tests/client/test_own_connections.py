@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import shutil
 import socket
@@ -461,3 +462,39 @@ async def test_https_with_an_untrusted_certificate_is_a_transport_error(
             await client.send_once(event("k"))
         await client.aclose()
     assert requests == []
+
+
+async def test_an_answer_that_is_not_http_is_a_transport_error() -> None:
+    """Bytes that are not an HTTP/1.x answer fail the send as a transport error."""
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async with raw_server(garbage) as (url, _):
+        client = own_client(url)
+        with pytest.raises(CommetTransportError, match=r"not an HTTP/1\.1 answer"):
+            await client.send_once(event("k"))
+        await client.aclose()
+
+
+async def test_a_gzipped_answer_is_decoded() -> None:
+    """A proxy that gzips the answer anyway: the body is decoded before it is parsed."""
+    packed = gzip.compress(ANSWER)
+    answer = b"HTTP/1.1 201 Created\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(packed),
+        packed,
+    )
+
+    async def gzipped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+
+    async with raw_server(gzipped) as (url, _):
+        client = own_client(url)
+        result = await client.send_once(event("k"))
+        await client.aclose()
+    assert result.id == "evt_1"
