@@ -31,7 +31,6 @@ import contextlib
 import socket
 import ssl
 import urllib.request
-import weakref
 import zlib
 from collections import deque
 from collections.abc import Iterable
@@ -201,6 +200,23 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def abandon(self) -> None:
+        """Drop the connection, even if its event loop has been closed."""
+        transport, self.transport = self.transport, None
+        self.closed = True
+        self._waiter = None
+        if transport is None:
+            return
+        try:
+            transport.abort()
+        except RuntimeError:
+            # Its loop is closed: abort cannot schedule the close. Tell the server at once;
+            # the descriptor goes when the garbage collector frees the transport.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
     def _close(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -367,10 +383,9 @@ class ConnectionPool:
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self._ssl: ssl.SSLContext | None = None
-        # Idle connections per event loop: a connection belongs to the loop that opened it,
-        # and a loop that has gone takes its entry with it.
-        self._idle: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, deque[_Connection]]
-        self._idle = weakref.WeakKeyDictionary()
+        # Idle connections per event loop: a connection belongs to the loop that opened it.
+        # Those of a loop that has been closed are let go when a new loop turns up.
+        self._idle: dict[asyncio.AbstractEventLoop, deque[_Connection]] = {}
         self._closed = False
 
     def head(self, method: str, path: str, headers: Iterable[tuple[str, str]]) -> bytes:
@@ -458,6 +473,7 @@ class ConnectionPool:
             return
         idle = self._idle.get(loop)
         if idle is None:
+            self._forget_closed_loops()
             idle = self._idle[loop] = deque()
         if len(idle) >= _MAX_IDLE:
             connection._close()
@@ -496,14 +512,17 @@ class ConnectionPool:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return connection
 
+    def _forget_closed_loops(self) -> None:
+        for loop in [loop for loop in self._idle if loop.is_closed()]:
+            for connection in self._idle.pop(loop):
+                connection.abandon()
+
     def _drop_idle(self) -> None:
         every = list(self._idle.values())
         self._idle.clear()
         for idle in every:
             for connection in idle:
-                # On a closed loop abort raises; the socket goes with the loop.
-                with contextlib.suppress(RuntimeError):
-                    connection.abort()
+                connection.abandon()
 
     async def aclose(self) -> None:
         """Close every idle connection; connections in use close when their answer is in."""

@@ -498,3 +498,35 @@ async def test_a_gzipped_answer_is_decoded() -> None:
         result = await client.send_once(event("k"))
         await client.aclose()
     assert result.id == "evt_1"
+
+
+async def test_connections_of_a_closed_loop_are_let_go() -> None:
+    """A client used in one asyncio.run after another closes the first loop's connection
+    (the server sees it end) instead of keeping it, and its socket, forever."""
+    ended: list[int] = []
+
+    async def answer_all(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await read_request(reader)
+                writer.write(OK)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            ended.append(1)
+
+    async with raw_server(answer_all) as (url, connections):
+        client = own_client(url)
+
+        def run(key: str) -> object:
+            return asyncio.run(client.send_once(event(key)))
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, run, "a")
+        assert (len(connections), ended) == (1, [])
+        await loop.run_in_executor(None, run, "b")
+        for _ in range(200):  # the server's side of the first connection ends soon after
+            if ended:
+                break
+            await asyncio.sleep(0.01)
+        assert len(connections) == 2
+        assert ended == [1]
+        await client.aclose()
