@@ -19,7 +19,7 @@ from typing import Any
 from ._errors import CommetAPIError
 from ._models import Operation, UsageEvent
 from ._results import QuotaAllowance, QuotaChangeResult, TrackResult
-from ._retry import classify, is_retryable
+from ._retry import classify_answer, is_retryable
 from ._settings import CommetSettings, Dialect
 
 __all__ = [
@@ -309,7 +309,7 @@ def parse_error(
     if message is None:
         message = text("message")
     retry_after = _retry_after(headers)
-    transient = classify(CommetAPIError(status, code=code)) == "transient"
+    transient = classify_answer(status, code) == "transient"
     return CommetAPIError(
         status,
         type=text("type"),
