@@ -6,7 +6,7 @@ socket wrappers and httpx's URL and header models; ``bench/sender_cost.py``). Th
 pipeline sends one small JSON POST per event to one host, so this module does only that: a
 pool of keep-alive connections (``asyncio.Protocol``), request heads prebuilt per path, and a
 strict response reader (status line, headers, ``Content-Length``, chunked, or read to close):
-about 70 µs and 270 Python calls per event, 16.8x the events per core of httpx on 1,000
+about 65 µs and 270 Python calls per event, 17.8x the events per core of httpx on 1,000
 customers round-robin (bench/RESULTS.md, 2026-12-04).
 
 It is used only where it keeps the behaviour httpx gives: the async client under asyncio, with no
