@@ -9,6 +9,8 @@ BENCHMARKS = {
     "delivery": "bench.delivery",
     "http": "bench.http",
     "request_path": "bench.request_path",
+    "sender_cost": "bench.sender_cost",
+    "sender_http": "bench.sender_http",
     "soak": "bench.soak",
     "spool_cost": "bench.spool_cost",
 }

@@ -29,6 +29,10 @@ if py-spy cannot record). The HTTP/1.1 profile is summarised by layer and functi
 client's main thread; the two protocols are set side by side by layer.
 
 The results are printed as the markdown section of bench/README.md.
+
+Since the async client sends over its own HTTP/1.1 connections when no transport is set
+(``commet_middleware._http11``), the HTTP/1.1 runs measure those, not httpx; the HTTP/2 runs
+stay on httpx. ``bench/sender_cost.py`` compares the client before and after that change.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ __all__ = [
     "FailureClass",
     "RetryPolicy",
     "classify",
+    "classify_answer",
     "configuration_hint",
     "is_retryable",
     "retry_delay",
@@ -75,7 +76,7 @@ _TRANSIENT_4XX = frozenset({408, 429})
 def classify(error: BaseException) -> FailureClass:
     """Return what ``error``, raised by a Commet call, means for the operation that failed."""
     if isinstance(error, CommetAPIError):
-        return _classify_answer(error.status, error.code)
+        return classify_answer(error.status, error.code)
     if isinstance(error, CommetError):
         # CommetTransportError and any error a custom sender marks as worth another try.
         return "transient" if error.retryable else "unexpected"
@@ -84,7 +85,8 @@ def classify(error: BaseException) -> FailureClass:
     return "unexpected"
 
 
-def _classify_answer(status: int, code: str | None) -> FailureClass:
+def classify_answer(status: int, code: str | None) -> FailureClass:
+    """Return the class of an answer with this HTTP status and Commet error code."""
     if 200 <= status < 300:
         return "transient"  # a 2xx raised as an error: its body was not Commet's answer
     if 300 <= status < 400:
@@ -110,7 +112,7 @@ def is_retryable(status: int, code: str | None, retry_after: float | None) -> bo
     This is ``CommetAPIError.retryable``, worked out by the wire module from the same rules as
     :func:`classify`.
     """
-    if _classify_answer(status, code) != "transient":
+    if classify_answer(status, code) != "transient":
         return False
     return status != 429 or retry_after is not None
 

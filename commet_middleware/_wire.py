@@ -19,11 +19,12 @@ from typing import Any
 from ._errors import CommetAPIError
 from ._models import Operation, UsageEvent
 from ._results import QuotaAllowance, QuotaChangeResult, TrackResult
-from ._retry import classify, is_retryable
+from ._retry import classify_answer, is_retryable
 from ._settings import CommetSettings, Dialect
 
 __all__ = [
     "WireRequest",
+    "base_headers",
     "build_get_all_quotas",
     "build_get_quota",
     "build_request",
@@ -36,6 +37,7 @@ __all__ = [
     "parse_quota_change",
     "parse_track",
     "request_idempotency_key",
+    "route",
 ]
 
 _V1_PATHS = {
@@ -124,6 +126,12 @@ def encode_body(operation: Operation, dialect: Dialect = "v1") -> bytes:
     return _dumps(payload)
 
 
+def base_headers(settings: CommetSettings, *, has_body: bool) -> tuple[tuple[str, str], ...]:
+    """Return the headers every request of ``settings`` carries, without the per-request
+    ``Idempotency-Key`` (the async client builds them into its request heads once)."""
+    return _headers(settings, has_body=has_body)
+
+
 def _headers(
     settings: CommetSettings, *, idempotency_key: str | None = None, has_body: bool = False
 ) -> tuple[tuple[str, str], ...]:
@@ -155,6 +163,15 @@ def request_idempotency_key(operation: Operation) -> str:
     return "cm_" + hashlib.sha256(material.encode("utf-8")).hexdigest()[:32]
 
 
+def route(operation: Operation, dialect: Dialect) -> tuple[str, str]:
+    """Return the method and path that perform ``operation`` in ``dialect``."""
+    paths = _paths(dialect)
+    if isinstance(operation, UsageEvent):
+        return "POST", paths["track"]
+    methods = _V1_METHODS if dialect == "v1" else _LEGACY_METHODS
+    return methods[operation.action], paths[operation.action]
+
+
 def build_request(
     operation: Operation, settings: CommetSettings, *, body: bytes | None = None
 ) -> WireRequest:
@@ -165,12 +182,7 @@ def build_request(
     """
     if body is None:
         body = encode_body(operation, settings.dialect)
-    paths = _paths(settings.dialect)
-    if isinstance(operation, UsageEvent):
-        method, path = "POST", paths["track"]
-    else:
-        methods = _V1_METHODS if settings.dialect == "v1" else _LEGACY_METHODS
-        method, path = methods[operation.action], paths[operation.action]
+    method, path = route(operation, settings.dialect)
     return WireRequest(
         method=method,
         path=path,
@@ -297,7 +309,7 @@ def parse_error(
     if message is None:
         message = text("message")
     retry_after = _retry_after(headers)
-    transient = classify(CommetAPIError(status, code=code)) == "transient"
+    transient = classify_answer(status, code) == "transient"
     return CommetAPIError(
         status,
         type=text("type"),

@@ -112,6 +112,11 @@ function renderFaults(faults) {
     armed.push("drop after write next " + faults.drop_after_write_next);
   }
   if (faults.hold_next > 0) armed.push("hold next " + faults.hold_next);
+  // Answers that are not Commet's (an HTML page, a truncated body, 401, 403, a bare 404).
+  for (const kind of ["html_next", "truncated_next", "unauthorized_next", "forbidden_next",
+                      "bare_not_found_next"]) {
+    if (faults[kind] > 0) armed.push(kind.replaceAll("_", " ") + " " + faults[kind]);
+  }
   fillList("faults-armed", armed, "none");
   const injected = Object.entries(faults.injected).map(([kind, n]) => kind + ": " + n);
   fillList("faults-injected", injected, "none");
