@@ -12,7 +12,6 @@ import sqlite3
 import traceback
 from pathlib import Path
 
-import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -157,36 +156,3 @@ def test_api_key_is_in_no_output_channel(channels: dict[str, str], channel: str)
     for key in KEYS:
         assert key not in text
         assert key[8:24] not in text  # not even a recognisable part of it
-
-
-def test_key_echoed_by_upstream_is_scrubbed_from_the_error() -> None:
-    """A Commet (or impostor) that echoes the key in its error message does not put it in ours."""
-
-    def echo(request: httpx.Request) -> httpx.Response:
-        key = request.headers["x-api-key"]
-        body = {"error": {"type": "validation_error", "code": "bad", "message": f"key {key}"}}
-        return httpx.Response(400, json=body)
-
-    with (
-        CommetClient(api_key=SECRET, transport=httpx.MockTransport(echo), max_retries=0) as c,
-        pytest.raises(CommetError) as caught,
-    ):
-        c.track("user_123", "api_calls")
-    assert SECRET not in _failure_text(caught.value)
-    assert "[redacted]" in str(caught.value)
-
-
-def test_a_redirect_does_not_carry_the_key_to_another_host() -> None:
-    """An upstream answering 307 to another host gets no second request: the key stays home."""
-    seen: list[str] = []
-
-    def redirect(request: httpx.Request) -> httpx.Response:
-        seen.append(request.url.host)
-        return httpx.Response(307, headers={"location": "http://collector.example/steal"})
-
-    with (
-        CommetClient(api_key=SECRET, transport=httpx.MockTransport(redirect), max_retries=0) as c,
-        pytest.raises(CommetError),
-    ):
-        c.track("user_123", "api_calls")
-    assert seen == ["commet.co"]
