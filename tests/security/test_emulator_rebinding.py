@@ -76,7 +76,7 @@ def test_loopback_hosts_still_reach_dashboard_and_api(
 
 
 @pytest.mark.server
-def test_allowed_hosts_adds_a_name(fake: FakeCommet) -> None:
+def test_allowed_hosts_adds_a_name() -> None:
     """A name passed in allowed_hosts (--allow-host) is answered; others still are not."""
     named = FakeCommet.from_catalogue(allowed_hosts=["emulator.internal"])
     with named.serve() as url, httpx.Client(base_url=url, timeout=10) as client:
