@@ -16,7 +16,7 @@ def _emulator(args: argparse.Namespace) -> int:
     from .testing import FakeCommet
     from .testing._server import bind_socket, run_forever
 
-    fake = FakeCommet.from_catalogue(args.config)
+    fake = FakeCommet.from_catalogue(args.config, allowed_hosts=args.allow_host)
     sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
     catalogue = args.config or "the demo catalogue"
@@ -79,12 +79,31 @@ def _parser() -> argparse.ArgumentParser:
         prog="commet-middleware", description="Tools for commet-middleware."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    emulator = commands.add_parser("emulator", help="run the local Commet emulator")
+    emulator = commands.add_parser(
+        "emulator",
+        help="run the local Commet emulator",
+        description=(
+            "Serve the emulated Commet API, and its dashboard at / (state and fault controls, "
+            "no API key). It answers only requests whose Host header is a loopback name "
+            "(localhost, *.localhost), a loopback address (127.0.0.1, ::1) or the address it is "
+            "bound to; any other Host gets 403, so a web page open in your browser cannot reach "
+            "it through a DNS name pointed at 127.0.0.1 (DNS rebinding). Add names with "
+            "--allow-host. The fault controls also refuse cross-origin and non-JSON requests. "
+            "It is a development tool: keep it on 127.0.0.1."
+        ),
+    )
     emulator.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     emulator.add_argument("--port", type=int, default=8787, help="port (8787; 0 picks one)")
     emulator.add_argument(
         "--config", default=None, help="TOML catalogue of features and customers (default: demo)"
     )
+    emulator.add_argument(
+        "--allow-host", action="append", default=[], metavar="NAME",
+        help=(
+            "also answer requests with Host NAME (repeatable), e.g. a name in /etc/hosts or a "
+            "container's; '*' answers any Host and re-opens DNS rebinding"
+        ),
+    )  # fmt: skip
     emulator.set_defaults(run=_emulator)
     demo = commands.add_parser(
         "demo",

@@ -17,10 +17,11 @@ from ._context import (
     get_current_context,
 )
 from ._models import (
+    clean_properties,
     validate_customer_id,
     validate_feature_code,
     validate_properties,
-    validate_usage_value,
+    validate_recorded_value,
 )
 
 __all__ = ["CustomerSpec", "PropertiesSpec", "ValueSpec", "metered", "track"]
@@ -54,9 +55,10 @@ def metered(
     stay sync and async functions async. Put ``@app.get(...)`` outermost.
 
     ``value`` and ``properties`` may be functions of the decorated function's *return value*
-    (e.g. ``value=lambda rows: len(rows)``); a computed value that is not a number >= 0 (or
-    properties that are not str to str) is logged as an error and counted, the response is
-    still served, and nothing is billed for that call. Constant ones are checked here.
+    (e.g. ``value=lambda rows: len(rows)``); a computed value that is not a number from 0 to
+    ``MAX_USAGE_VALUE`` is logged as an error and counted, the response is still served, and
+    nothing is billed for that call. Computed properties that break the rules are dropped or
+    cut with a WARNING, and the call is billed. Constant ones are checked here.
 
     ``customer`` (a customer id, or a function of the decorated function's arguments) bills a
     fixed customer; it is what a plain function outside any request or ``commet_context``
@@ -67,7 +69,7 @@ def metered(
     """
     feature = validate_feature_code(feature)
     if not callable(value):
-        validate_usage_value(value)
+        validate_recorded_value(value)
     if properties is not None and not callable(properties):
         validate_properties(dict(properties))
     if isinstance(customer, str):
@@ -140,8 +142,9 @@ def track(
     """Record ``value`` units of ``feature`` for the current request or job context.
 
     In a request it joins the usage billed if the response succeeds; in ``commet_context`` it is
-    enqueued at once. An invalid feature, value or properties is logged as an error and counted,
-    never raised, so the response is still served. Raises ``RuntimeError`` outside a request or
+    enqueued at once. An invalid feature or value is logged as an error and counted, never
+    raised, so the response is still served; invalid properties are dropped or cut with a
+    WARNING and the usage is billed. Raises ``RuntimeError`` outside a request or
     ``commet_context``, and ``CustomerRequiredError`` in a ``commet_context`` with no customer.
     """
     ctx = get_current_context()
@@ -186,12 +189,7 @@ def _record(
 ) -> None:
     try:
         computed_value = value(result) if callable(value) else value
-        checked_value = validate_usage_value(computed_value)
-        computed_props = properties(result) if callable(properties) else properties
-        if computed_props is not None and not isinstance(computed_props, Mapping):
-            raise ValueError(f"properties must be a mapping, got {type(computed_props).__name__}")
-        props = dict(computed_props) if computed_props is not None else None
-        validate_properties(props)
+        checked_value = validate_recorded_value(computed_value)
     except Exception:
         # Loud, counted, and never allowed to turn a served response into an error.
         logger.exception(
@@ -201,4 +199,16 @@ def _record(
         )
         ctx.count_invalid()
         return
-    ctx.record(feature, checked_value, props, explicit_customer)
+    # Properties only describe the usage: a bad one is dropped or cut (one WARNING), never the
+    # billable event with it.
+    try:
+        computed_props = properties(result) if callable(properties) else properties
+    except Exception:
+        logger.warning(
+            "commet: the properties function of %r failed; the usage is billed without them",
+            feature,
+            exc_info=True,
+        )
+        computed_props = None
+    pairs = clean_properties(computed_props, feature)
+    ctx.record(feature, checked_value, dict(pairs) if pairs else None, explicit_customer)

@@ -44,6 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ._files import SQLITE_COMPANIONS, prepare_private_file
 from ._models import Operation, QuotaChange, UsageEvent
 
 __all__ = [
@@ -215,6 +216,7 @@ class Spool:
         synchronous: Literal["NORMAL", "FULL", "OFF"] = "NORMAL",
     ) -> None:
         self.path = os.fspath(path)
+        prepare_private_file(self.path, companions=SQLITE_COMPANIONS)
         self.lease_seconds = lease_seconds
         self._synchronous = synchronous
         self._pid = -1

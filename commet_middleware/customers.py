@@ -7,18 +7,26 @@ resolver when the request arrives and, while no customer is known, again later i
 (when ``@metered`` or ``track`` records usage, and when the response starts), so values that
 only exist after routing or authentication (path params, ``scope["user"]``) are found too.
 Application code can always override with :func:`commet_middleware.set_customer`.
+
+Whatever a resolver finds is checked like every customer id (at most 255 printable
+characters: no control or invisible characters): a value that fails is treated as "not
+said", with a WARNING (at most one a minute, so hostile headers cannot flood the log), and the
+request goes on as one with no customer (401 ``customer_required`` where that is required).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from http.cookies import CookieError, SimpleCookie
 from typing import Any, TypeAlias
 from urllib.parse import parse_qs
 
 from ._context import CustomerRequiredError
+from ._models import MAX_CUSTOMER_ID_LENGTH, customer_id_problem
 
 __all__ = [
     "CustomerRequiredError",
@@ -50,13 +58,37 @@ def is_asgi_scope(source: Mapping[str, Any]) -> bool:
     return "REQUEST_METHOD" not in source and "type" in source
 
 
+# When the last refused customer id was logged, and how many have been refused since.
+_refusals: list[float] = [-math.inf, 0]
+_REFUSAL_LOG_INTERVAL = 60.0
+
+
+def _acceptable(value: str) -> str | None:
+    """Return ``value`` if it can name a customer; else log why (rate-limited) and None."""
+    # The common case costs two checks; the reason is only worked out for a refused id.
+    if len(value) <= MAX_CUSTOMER_ID_LENGTH and value.isprintable():
+        return value
+    now = time.monotonic()
+    last, since = _refusals
+    if now - last < _REFUSAL_LOG_INTERVAL:
+        _refusals[1] = since + 1
+        return None
+    _refusals[:] = [now, 0]
+    _logger.warning(
+        "commet: a customer resolver found an unusable customer id, treated as none (%s)%s",
+        customer_id_problem(value),
+        f"; {since} more since the last warning" if since else "",
+    )
+    return None
+
+
 def _clean(value: object) -> str | None:
     # Only a non-blank string names a customer; anything else means "not said".
     if isinstance(value, bytes):
         value = value.decode("latin-1")
     if isinstance(value, str):
         value = value.strip()
-        return value or None
+        return _acceptable(value) if value else None
     return None
 
 
@@ -92,7 +124,7 @@ def from_header(name: str) -> CustomerResolver:
         for key, value in source.get("headers") or ():
             if key == wanted or key.lower() == wanted:
                 found = bytes(value).decode("latin-1").strip()
-                return found or None
+                return _acceptable(found) if found else None
         return None
 
     return resolve
@@ -317,7 +349,8 @@ def resolve_now_or_later(
     if result is None:
         return None
     if type(result) is str:
-        return result.strip() or None
+        found = result.strip()
+        return _acceptable(found) if found else None
     if inspect.isawaitable(result):
         return _await_guarded(resolver, result)
     return _clean(result)

@@ -20,6 +20,10 @@ Choices the emulator makes where Commet's reference is silent (clients may rely 
 - A served emulator has a live dashboard at ``/`` (customers, usage totals, quota bars, a
   live feed of events, the request log, and fault controls). It and its endpoints under
   ``/_emulator/`` need no API key and bypass faults and the request log; the API does not.
+- The ASGI ``app`` (dashboard and API) answers 403 ``host_not_allowed`` to a ``Host`` that is
+  not a loopback name or address or its bound address (``allowed_hosts=`` /
+  ``--allow-host`` add names): a browser page cannot reach it through DNS rebinding. The
+  in-process ``transport`` has no Host to check.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import math
 import re
@@ -26,6 +27,7 @@ __all__ = [
     "EmulatorRequest",
     "Reply",
     "RequestHandler",
+    "host_allowed",
     "run_async",
     "run_sync",
 ]
@@ -485,6 +487,59 @@ class RequestHandler:
         )
 
 
+# Names that only ever mean this machine: "localhost" and its subdomains (RFC 6761; browsers
+# resolve them to loopback without asking DNS) and "testserver", the name Starlette's TestClient
+# sends in-process. An attacker's page can only be served from a name whose DNS it controls,
+# which none of these is: that is what makes DNS rebinding fail against the allow-list.
+_LOCAL_NAMES = frozenset({"localhost", "testserver"})
+_HOST_REFUSED = (
+    b'{"error":{"type":"invalid_request_error","code":"host_not_allowed","message":'
+    b'"This emulator only answers requests addressed to a loopback name or its own address. '
+    b'Start it with --allow-host NAME to reach it under another name."}}'
+)
+
+
+def _host_name(header: str) -> str:
+    """Return the host of a ``Host`` header, lower case, without port, brackets or final dot."""
+    text = header.strip().lower()
+    if text.startswith("["):  # [::1]:8787
+        return text[1 : text.find("]")] if "]" in text else text
+    if text.count(":") == 1:
+        text = text.split(":", 1)[0]
+    return text.rstrip(".")
+
+
+def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
+
+
+def host_allowed(
+    host_header: str | None, allowed: Collection[str], bound: str | None = None
+) -> bool:
+    """Whether a request whose ``Host`` header is ``host_header`` may reach the emulator.
+
+    Allowed: loopback names (``localhost``, ``*.localhost``, ``testserver``), loopback
+    addresses (``127.0.0.0/8``, ``::1``), the address the server is bound to (``bound``, when it
+    is an IP address), every name in ``allowed``, and anything when ``allowed`` holds ``"*"``.
+    A request without a ``Host`` header is not from a browser and is allowed.
+    """
+    if host_header is None or "*" in allowed:
+        return True
+    name = _host_name(host_header)
+    if name in _LOCAL_NAMES or name.endswith(".localhost") or name in allowed:
+        return True
+    address = _ip(name)
+    if address is None:
+        return False
+    if address.is_loopback:
+        return True
+    bound_address = _ip(bound) if bound else None
+    return bound_address is not None and bound_address == address
+
+
 def run_sync(steps: Generator[Wait, None, Reply]) -> Reply:
     """Drive ``RequestHandler.process`` in the calling thread."""
     try:
@@ -514,10 +569,16 @@ class EmulatorApp:
 
     ``/`` and ``/_emulator/...`` go to the :class:`Dashboard`, outside the API's key check,
     fault injection and request log; every other path is the emulated API.
+
+    Both answer only requests whose ``Host`` passes :func:`host_allowed` (loopback names and
+    addresses, the bound address, and ``allowed_hosts``); any other gets 403 before anything
+    is read or recorded. A page a developer opens in a browser cannot then reach the emulator
+    through a DNS name that it points at 127.0.0.1 (DNS rebinding).
     """
 
-    def __init__(self, handler: RequestHandler) -> None:
+    def __init__(self, handler: RequestHandler, *, allowed_hosts: Collection[str] = ()) -> None:
         self._handler = handler
+        self.allowed_hosts = frozenset(_host_name(h) if h != "*" else h for h in allowed_hosts)
         self.dashboard = Dashboard(handler.ledger, handler.faults)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -530,6 +591,19 @@ class EmulatorApp:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if scope["type"] != "http":
+            return
+        if not self._host_allowed(scope):
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 403,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"cache-control", b"no-store"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": _HOST_REFUSED})
             return
         if self.dashboard.handles(scope["path"]):
             await self.dashboard(scope, receive, send)
@@ -559,3 +633,12 @@ class EmulatorApp:
             }
         )
         await send({"type": "http.response.body", "body": reply.body})
+
+    def _host_allowed(self, scope: Scope) -> bool:
+        host = None
+        for key, value in scope.get("headers") or ():
+            if key.lower() == b"host":
+                host = value.decode("latin-1")
+                break
+        server = scope.get("server")
+        return host_allowed(host, self.allowed_hosts, server[0] if server else None)

@@ -30,23 +30,38 @@ class FakeCommet:
 
     Reach it through ``transport`` (an httpx transport, sync and async, no server needed), as
     the ASGI ``app``, or over real HTTP with ``serve()``. ``api_keys`` None accepts any key
-    starting ``ck_`` or ``rk_``.
+    starting ``ck_`` or ``rk_``. The ``app`` answers only requests addressed to a loopback name
+    or address, or its own bound address; ``allowed_hosts`` adds names (``"*"``: any, which
+    lets any web page the developer visits reach it through DNS rebinding).
     """
 
-    def __init__(self, api_keys: Collection[str] | None = None, *, seed: int = 0) -> None:
+    def __init__(
+        self,
+        api_keys: Collection[str] | None = None,
+        *,
+        seed: int = 0,
+        allowed_hosts: Collection[str] = (),
+    ) -> None:
         self._ledger = Ledger()
         self.faults = Faults(seed)
         self._handler = RequestHandler(self._ledger, self.faults, api_keys)
-        self.app = EmulatorApp(self._handler)
+        self.app = EmulatorApp(self._handler, allowed_hosts=allowed_hosts)
         self.transport = EmulatorTransport(self._handler)
 
     @classmethod
     def from_catalogue(
-        cls, path: str | Path | Catalogue | None = None, *, api_keys: Collection[str] | None = None
+        cls,
+        path: str | Path | Catalogue | None = None,
+        *,
+        api_keys: Collection[str] | None = None,
+        allowed_hosts: Collection[str] = (),
     ) -> FakeCommet:
         """Return a FakeCommet loaded from a TOML catalogue (None: the shipped demo one)."""
         catalogue = path if isinstance(path, Catalogue) else load_catalogue(path)
-        fake = cls(api_keys=api_keys if api_keys is not None else catalogue.api_keys)
+        fake = cls(
+            api_keys=api_keys if api_keys is not None else catalogue.api_keys,
+            allowed_hosts=allowed_hosts,
+        )
         for feature in catalogue.features:
             fake.add_feature(
                 feature.code,

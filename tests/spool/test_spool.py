@@ -270,7 +270,9 @@ def test_an_unwritable_spool_keeps_the_event_in_memory(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """If the spool cannot be written, enqueue logs an error and still delivers from memory."""
-    queue = make_queue(spool_path=str(tmp_path / "missing-dir" / "spool.sqlite3"))
+    # A missing directory would be created (0700): a file where the directory should be is not.
+    (tmp_path / "not-a-dir").write_text("")
+    queue = make_queue(spool_path=str(tmp_path / "not-a-dir" / "spool.sqlite3"))
     queue.enqueue(event("k1"))
     assert queue.flush(5)
     assert sender.delivered == ["k1"]
