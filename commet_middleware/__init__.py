@@ -12,6 +12,7 @@ from ._models import QuotaChange, UsageEvent
 from ._results import QuotaAllowance, QuotaChangeResult, TrackResult
 from ._settings import CommetSettings
 from ._wsgi import CommetWSGIMiddleware
+from .delivery import aflush, flush
 
 __all__ = [
     "AsyncCommetClient",
@@ -27,8 +28,10 @@ __all__ = [
     "QuotaChangeResult",
     "TrackResult",
     "UsageEvent",
+    "aflush",
     "commet_context",
     "current_customer",
+    "flush",
     "metered",
     "quota_guard",
     "quota_release",

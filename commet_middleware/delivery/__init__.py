@@ -3,7 +3,8 @@
 ``DeliveryQueue.enqueue`` is a deque append under a lock plus, only when the sender is idle, a
 wake-up; it never raises and never waits on the network. One sender per queue drains it with at
 most ``settings.max_concurrency`` sends in flight over one pooled client: an asyncio task when
-started inside a running event loop, else a daemon thread running its own loop. Delivery is at
+started inside a running event loop (handed to a thread when that loop shuts down), else a
+daemon thread running its own loop. Delivery is at
 least once on the wire and exactly once in effect (one encoded body and idempotency key per
 operation, re-sent on every retry); only what Commet accepted counts as sent.
 
@@ -13,12 +14,14 @@ counters, the current worker):
 - ``_queue``: ``DeliveryQueue``, admission and overflow, flush and close, the counters' snapshots;
 - ``_items``: the item on its way, the stats, ``UndeliveredError``, the seams' types;
 - ``_aggregation``: what an aggregate is (sum, key, timestamp) and the window groups;
-- ``_sealing``: holds members in their groups and queues the sealed aggregates;
+- ``_folding``: a sender behind folds waiting events of one group into one exact event;
+- ``_sealing``: places each operation: queued, folded, or held in its window's group;
+- ``_reporting``: rate-limited log lines about retries, configuration failures, dead letters;
 - ``_ordering``: the per-(customer, feature) turns of quota changes;
 - ``_spool_bridge``: everything done with the SQLite spool (spill, claim, settle, leases);
 - ``_workers``: the thread worker and the task worker, and the slot that starts them;
 - ``_pump``: what a worker runs: take, deliver, retry, finish, split;
-- ``_process``: the default queues and the exit and fork hooks.
+- ``_process``: the default queues, ``flush``/``aflush`` of every queue, exit and fork hooks.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from ._items import (
     SenderFactory,
     UndeliveredError,
 )
-from ._process import close_default_queues, default_queue
+from ._process import aflush, close_default_queues, default_queue, flush
 from ._pump import BACKOFF_CAP, MAX_CLIENT_ATTEMPTS, MAX_UNEXPECTED_ATTEMPTS, retry_delay
 from ._queue import DeliveryQueue
 
@@ -48,7 +51,9 @@ __all__ = [
     "OperationSender",
     "SenderFactory",
     "UndeliveredError",
+    "aflush",
     "close_default_queues",
     "default_queue",
+    "flush",
     "retry_delay",
 ]

@@ -128,6 +128,16 @@ class UsageFold(Item):
             return self.int_total
         return math.fsum([*self.floats, self.int_total])
 
+    def spool_rows(self) -> list[int]:
+        """Every member's row until sealed, then the aggregate's own."""
+        if self.sealed or self.members == 1:
+            return super().spool_rows()
+        return list(self.row_ids)
+
+    def weight(self) -> int:
+        """Every member counts until sealed."""
+        return 1 if self.sealed else self.members
+
     @property
     def needs_seal(self) -> bool:
         """True if it stands for several events and still carries its first one."""
@@ -157,6 +167,10 @@ class QuotaFold(Item):
         self.parts = [first]
         self.opened = opened
         self.sealed = False
+
+    def weight(self) -> int:
+        """Every member counts until sealed."""
+        return 1 if self.sealed else len(self.parts or ())
 
     def join(self, item: Item) -> None:
         """Add the add ``item``: sent within the fold, or alone if the fold is refused."""

@@ -45,10 +45,21 @@ DeliveryListener = Callable[[Operation, object], None]
 
 
 class UndeliveredError(CommetError):
-    """Given to the dead-letter hook for an event the pipeline did not deliver."""
+    """Given to the dead-letter hook for an event the pipeline did not deliver.
 
-    def __init__(self, reason: Literal["queue_full", "shutdown"], message: str) -> None:
+    ``maybe_delivered``: it was sent and no answer came before the close (a shutdown timeout):
+    Commet may have recorded it, and a resend under its key would be deduplicated.
+    """
+
+    def __init__(
+        self,
+        reason: Literal["queue_full", "shutdown"],
+        message: str,
+        *,
+        maybe_delivered: bool = False,
+    ) -> None:
         self.reason = reason
+        self.maybe_delivered = maybe_delivered
         super().__init__(message)
 
 
@@ -58,8 +69,9 @@ class DeliveryStats:
 
     ``sent`` counts every operation Commet accepted, duplicates included; ``duplicates`` is the
     part of it Commet had already recorded. ``pending`` is everything accepted and not yet
-    finished: waiting (members of an unsealed aggregate each count), in flight, or waiting to
-    retry.
+    finished: waiting (members of an unsealed aggregate or fold each count), in flight, or
+    waiting to retry. ``queue_depth`` is the places those take: a fold of many events is one
+    (what ``queue_limit`` bounds).
     """
 
     queued: int
@@ -70,6 +82,7 @@ class DeliveryStats:
     dropped: int
     in_flight: int
     pending: int
+    queue_depth: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +136,14 @@ class Item:
         # A quota aggregate's member items, oldest first: reported one by one to the listeners,
         # sent one by one if Commet refuses the aggregate (None: not a quota aggregate).
         self.parts: list[Item] | None = None
+
+    def spool_rows(self) -> list[int]:
+        """The spool rows this process holds for it (none: in memory only)."""
+        return [] if self.row_id is None else [self.row_id]
+
+    def weight(self) -> int:
+        """How many accepted operations it stands for in ``pending`` (more: an unsealed fold)."""
+        return 1
 
     @classmethod
     def from_row(cls, row: SpoolRow) -> Item:

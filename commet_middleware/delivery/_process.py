@@ -9,11 +9,13 @@ deliver. At exit every queue with work is closed (flushed within ``shutdown_time
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import importlib
 import logging
 import os
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING
 
@@ -23,8 +25,10 @@ if TYPE_CHECKING:
     from ._queue import DeliveryQueue
 
 __all__ = [
+    "aflush",
     "close_default_queues",
     "default_queue",
+    "flush",
     "fork_generation",
     "import_http_stack",
     "live_queues",
@@ -113,6 +117,29 @@ def close_default_queues(timeout: float | None = None) -> bool:
         _defaults.clear()
         _defaults_by_id.clear()
     results = [queue.close(timeout) for queue in queues]  # close every one, no short cut
+    return all(results)
+
+
+def flush(timeout: float = 10.0) -> bool:
+    """Deliver what every delivery queue of this process holds; False if ``timeout`` ran out.
+
+    For processes whose life is short or not theirs to end: a script, a job worker between jobs,
+    a serverless handler before it returns. Call it from plain code or a thread; on an event
+    loop, ``await aflush()``. The queues stay usable.
+    """
+    deadline = time.monotonic() + timeout
+    results = [
+        queue.flush(max(deadline - time.monotonic(), 0.0)) for queue in list(live_queues)
+    ]
+    return all(results)
+
+
+async def aflush(timeout: float = 10.0) -> bool:
+    """Like :func:`flush`, awaited: the event loop goes on serving meanwhile."""
+    queues = list(live_queues)
+    if not queues:
+        return True
+    results = await asyncio.gather(*(queue.aflush(timeout) for queue in queues))
     return all(results)
 
 

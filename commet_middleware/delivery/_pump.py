@@ -2,17 +2,24 @@
 
 Delivery is at least once on the wire and exactly once in effect: each operation's body is encoded
 once and the same bytes, carrying the same idempotency key, are re-sent on every retry, so Commet
-deduplicates. A 409 ``duplicate`` counts as delivered. Usage events go out concurrently (their
-totals add up in any order); the quota changes of one key one at a time (``_ordering``).
+deduplicates. Only what Commet recorded counts as delivered: its documented answer, or a 409
+``duplicate`` (``_wire``). Usage events go out concurrently (their totals add up in any order);
+the quota changes of one key one at a time (``_ordering``).
 
-Retries: a retryable failure (transport errors, 408, 429, 5xx, ``idempotency_in_progress``) is
-queued again after ``retry_delay``: ``settings.backoff_base`` doubling per attempt up to
-``BACKOFF_CAP``, with equal jitter (a random point in the upper half of that step), and never
-less than the server's ``Retry-After`` (capped at ``settings.retry_after_cap``). It is never given
-up while retryable, except by ``close`` when its timeout runs out. A non-retryable answer goes to
-``settings.dead_letter``, as does an operation the client refuses as invalid (``ValueError``,
-``TypeError``). Any other unexpected exception from the sender is retried
-``MAX_UNEXPECTED_ATTEMPTS`` times and then dead-lettered, so a bug cannot spin forever.
+Every failure is classified once, by ``_retry.classify`` (the same rules as the direct client):
+
+- transient (transport errors, 408, 429, 5xx, ``idempotency_in_progress``, a 2xx that is not
+  Commet's answer): queued again after ``retry_delay`` (``settings.backoff_base`` doubling up to
+  ``BACKOFF_CAP``, equal jitter, never less than ``Retry-After``); never given up while the
+  process lives, except by ``close`` when its timeout runs out;
+- configuration (401, 403, a 404 without one of Commet's codes: a wrong key or URL): the event is
+  kept and retried on the slow schedule (``CONFIG_RETRY_CAP``, minutes), never dead-lettered;
+  the fix is logged once, loudly (``_reporting``);
+- permanent (validation, unknown customer or feature, billing refusals, and an operation the
+  client refuses as invalid): dead-lettered to ``settings.dead_letter``, logged one line per
+  (code, feature) per minute;
+- unexpected (a bug): retried ``MAX_UNEXPECTED_ATTEMPTS`` times, then dead-lettered, so a bug
+  cannot spin forever.
 
 A quota aggregate Commet refused for good is split: its members take its place at the head of the
 key's turn, each sent alone. Listeners hear of each member of a delivered quota aggregate.
@@ -26,8 +33,16 @@ import logging
 import random
 from typing import Any, cast
 
-from commet_middleware._errors import CommetAPIError, CommetError
+from commet_middleware._errors import CommetAPIError
 from commet_middleware._models import Operation
+from commet_middleware._retry import (
+    BACKOFF_CAP,
+    CONFIG_RETRY_CAP,
+    FailureClass,
+    classify,
+    configuration_hint,
+    retry_delay,
+)
 from commet_middleware._settings import CommetSettings, Dialect
 
 from ._folding import UsageFold
@@ -42,6 +57,7 @@ from ._items import (
     redact,
 )
 from ._ordering import QuotaTurns
+from ._reporting import DeliveryReport
 from ._sealing import Sealer
 from ._spool_bridge import SpoolBridge, spool_call
 from ._state import QueueState
@@ -54,52 +70,19 @@ __all__ = [
     "Pump",
     "default_encoder",
     "default_sender_factory",
-    "is_retryable",
     "refused_outright",
     "retry_delay",
 ]
 
 logger = logging.getLogger("commet_middleware.delivery")
 
-BACKOFF_CAP = 30.0
 MAX_UNEXPECTED_ATTEMPTS = 5
 # Attempts to build the client before a worker gives up (loudly) and leaves its work queued for
 # the next worker an enqueue or flush starts.
 MAX_CLIENT_ATTEMPTS = 5
-# Statuses worth retrying even if an error object forgot to say so: for a background pipeline
-# a 429 is never final, Retry-After or not.
-_RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-_RETRYABLE_CODES = frozenset({"idempotency_in_progress", "rate_limited", "internal_error"})
 # How often an idle worker looks for spooled rows it has not been told about (spilled by another
 # thread, left by a crashed process).
 _SPOOL_POLL = 0.5
-
-
-def retry_delay(
-    attempt: int,
-    *,
-    base: float,
-    cap: float = BACKOFF_CAP,
-    retry_after: float | None = None,
-    retry_after_cap: float = 30.0,
-    rng: random.Random | None = None,
-) -> float:
-    """Return the wait before retry ``attempt`` (1-based): jittered, capped, >= Retry-After."""
-    step = min(cap, base * 2.0 ** min(attempt - 1, 32))
-    jitter: float = (rng or random).random()
-    delay = step / 2 + jitter * step / 2
-    if retry_after is not None and retry_after > 0:
-        delay = max(delay, min(retry_after, retry_after_cap))
-    return delay
-
-
-def is_retryable(error: CommetError) -> bool:
-    """True if the pipeline retries ``error``: it says so, or its status or code is transient."""
-    if error.retryable:
-        return True
-    if isinstance(error, CommetAPIError):
-        return error.status in _RETRYABLE_STATUSES or error.code in _RETRYABLE_CODES
-    return False
 
 
 def refused_outright(error: Exception) -> bool:
@@ -154,7 +137,9 @@ class Pump:
         backoff_cap: float,
         rng: random.Random,
         listeners: list[DeliveryListener],
+        report: DeliveryReport,
     ) -> None:
+        self.report = report
         self._state = state
         self._turns = turns
         self._sealer = sealer
@@ -248,6 +233,9 @@ class Pump:
         with state.lock:
             if not state.is_current(worker):
                 return None
+            if state.closing:  # a close gives what is in flight its last chance: nothing new
+                state.idle = True
+                return []
             queue = state.queue
             batch: list[Item] = []
             taken = self._sealer.taken
@@ -401,20 +389,22 @@ class Pump:
             await self._bridge.settle(worker, item, failure)
 
     def _plan_retry(self, item: Item, error: Exception) -> float | None:
+        """Return how long to wait before sending ``item`` again, or None to give it up."""
         item.attempts += 1
-        retry_after: float | None = None
-        if isinstance(error, CommetError):
-            if not is_retryable(error):
-                return None
-            retry_after = getattr(error, "retry_after", None)
-            logger.info(
-                "commet: attempt %d of %s failed, will retry: %s",
-                item.attempts,
-                describe(item.operation),
-                self._redact(str(error)),
-            )
-        elif isinstance(error, (ValueError, TypeError)):
-            return None  # the client refused an invalid operation: no retry can fix it
+        kind: FailureClass = classify(error)
+        cap = self._backoff_cap
+        if kind == "permanent":
+            return None
+        text = self._redact(str(error) or repr(error))
+        waiting = self._state.pending
+        if kind == "transient":
+            self.report.retrying(describe(item.operation), text, waiting)
+        elif kind == "configuration":
+            # Nothing gets through until someone fixes the setup: keep every event, try now
+            # and then (minutes apart), and say what to fix once.
+            cap = max(cap, CONFIG_RETRY_CAP)
+            hint = configuration_hint(error, base_url=self._settings.base_url)
+            self.report.configuration(hint or text, text, waiting)
         else:
             item.unexpected += 1
             logger.error(
@@ -429,8 +419,8 @@ class Pump:
         return retry_delay(
             item.attempts,
             base=self._settings.backoff_base,
-            cap=self._backoff_cap,
-            retry_after=retry_after,
+            cap=cap,
+            retry_after=getattr(error, "retry_after", None),
             retry_after_cap=self._settings.retry_after_cap,
             rng=self._rng,
         )
@@ -465,14 +455,13 @@ class Pump:
                 state.idle = False
                 worker.wakeup.set()  # we run on the worker's loop
         if failure is not None:
+            code = getattr(failure, "code", None) or type(failure).__name__
+            text = self._redact(str(failure) or repr(failure))
             for operation in operations:
-                logger.error(
-                    "commet: giving up on %s: %s",
-                    describe(operation),
-                    self._redact(str(failure) or repr(failure)),
-                )
+                self.report.dead_letter(str(code), operation.feature, describe(operation), text)
                 self.dead_letter(operation, failure)
         else:
+            self.report.delivered()
             for operation in operations:
                 self._notify_listeners(operation, result)
         # Only now, so a flush that returns has seen the hook called too.

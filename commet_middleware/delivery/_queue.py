@@ -38,6 +38,7 @@ from commet_middleware._settings import CommetSettings
 from commet_middleware._spool import Spool
 
 from . import _process
+from ._folding import UsageFold
 from ._items import (
     AggregationStats,
     DeliveryListener,
@@ -51,6 +52,7 @@ from ._items import (
 )
 from ._ordering import QuotaTurns
 from ._pump import BACKOFF_CAP, Pump, default_encoder, default_sender_factory
+from ._reporting import DeliveryReport
 from ._sealing import Sealer
 from ._spool_bridge import SpoolBridge
 from ._state import QueueState
@@ -64,6 +66,8 @@ logger = logging.getLogger("commet_middleware.delivery")
 _FLUSH_RECHECK = 0.25
 _AFLUSH_POLL = 0.005
 _JOIN_TIMEOUT = 1.0
+# The longest a close waits, after its flush, for sends in flight to be answered.
+_ANSWER_GRACE = 1.0
 # How often a flush re-counts the spool.
 _SPOOL_FLUSH_POLL = 0.05
 
@@ -102,6 +106,11 @@ class DeliveryQueue:
         self._limit = settings.queue_limit
         self._folding = settings.fold_when_behind and not settings.aggregate_window
         self._listeners: list[DeliveryListener] = []
+        # Survives a fork's reset: a rate limit of log lines is per process anyway.
+        self._report = DeliveryReport(logger)
+        self._unanswered: set[Item] = set()
+        # How many operations the last close found undelivered (in the spool or not).
+        self._left_behind = 0
         self._reset()
         if sender_factory is None:
             _process.import_http_stack()
@@ -157,6 +166,7 @@ class DeliveryQueue:
             backoff_cap=self._backoff_cap,
             rng=self._rng,
             listeners=self._listeners,
+            report=self._report,
         )
 
     def _run_worker(self, worker: Worker) -> Coroutine[Any, Any, None]:
@@ -250,12 +260,12 @@ class DeliveryQueue:
         with state.lock:
             state.dropped += 1
             pending = state.pending
-        logger.error(
-            "commet: delivery queue full (%d pending, limit %d, overflow=%r): NOT delivering %s",
-            pending,
-            self._limit,
-            policy,
+        self._report.dead_letter(
+            "queue_full",
+            item.operation.feature,
             describe(item.operation),
+            f"delivery queue full ({pending} pending, limit {self._limit}, overflow={policy!r}): "
+            "NOT delivering it",
         )
         self._pump.dead_letter(
             item.operation,
@@ -370,71 +380,147 @@ class DeliveryQueue:
     def close(self, timeout: float | None = None) -> bool:
         """Flush, then stop the sender; report what was left. True if everything was delivered.
 
-        The queue stays usable: a later enqueue starts a new sender.
+        The timeout covers it all: the flush, then up to a fifth of it (at most
+        ``_ANSWER_GRACE``) in which nothing new is sent and the sends in flight may still be
+        answered (an answered one is delivered, not "undelivered"). What is left is reported
+        exactly (see ``_abandon``). The queue stays usable: a later enqueue starts a new sender.
         """
-        delivered = self.flush(timeout)
+        if timeout is None:
+            timeout = self.settings.shutdown_timeout
+        grace = min(timeout / 5, _ANSWER_GRACE)
+        delivered = self.flush(timeout - grace)
         try:
+            if not delivered:
+                self._await_answers(grace)
             worker, leftovers = self._take_leftovers()
             if worker is not None:
                 self._slot.poke(worker, all_waits=True)
                 worker.join(_JOIN_TIMEOUT)
             self._abandon(leftovers)
+            self._report.close()
         except Exception:
             logger.exception("commet: close failed")
             return False
-        return delivered and not leftovers
+        return self._closed_clean(delivered, leftovers)
 
     async def aclose(self, timeout: float | None = None) -> bool:
         """Like :meth:`close`, for an event loop (the ASGI lifespan shutdown)."""
         worker = self._state.worker
         if worker is None or worker.loop is not running_loop():
             return await asyncio.to_thread(self.close, timeout)
-        delivered = await self.aflush(timeout)
+        if timeout is None:
+            timeout = self.settings.shutdown_timeout
+        grace = min(timeout / 5, _ANSWER_GRACE)
+        delivered = await self.aflush(timeout - grace)
         try:
+            if not delivered:
+                await asyncio.to_thread(self._await_answers, grace)
             # Read the worker again: aflush may have replaced one that had died.
             worker, leftovers = self._take_leftovers()
             if worker is not None:
                 self._slot.poke(worker, all_waits=True)
                 await worker.wait_stopped(_JOIN_TIMEOUT)
             self._abandon(leftovers)
+            self._report.close()
         except Exception:
             logger.exception("commet: close failed")
             return False
-        return delivered and not leftovers
+        return self._closed_clean(delivered, leftovers)
+
+    def _closed_clean(self, delivered: bool, leftovers: list[Item]) -> bool:
+        """Delivered, or answered within the grace: nothing left behind, spooled or not."""
+        if leftovers:
+            return False
+        return delivered or (self._left_behind == 0 and self._spool_drained())
+
+    def _stop_taking(self) -> None:
+        with self._state.lock:
+            self._state.closing = True
+
+    def _in_flight(self) -> int:
+        worker = self._state.worker
+        return 0 if worker is None else worker.in_flight
+
+    def _await_answers(self, grace: float) -> None:
+        """Send nothing new, and give the sends in flight ``grace`` seconds to be answered."""
+        self._stop_taking()
+        state = self._state
+        deadline = time.monotonic() + grace
+        with state.cond:
+            while self._in_flight() and (remaining := deadline - time.monotonic()) > 0:
+                state.cond.wait(remaining)
 
     def _take_leftovers(self) -> tuple[Worker | None, list[Item]]:
         """Retire the worker and take everything still undelivered, for close and aclose.
 
-        What the spool can keep goes back to it; the rest is returned (and counted as
-        dead-lettered) for the caller to report once the worker has stopped.
+        What the spool can keep goes back to it (after the lock is released: no SQLite under
+        it); the rest is returned (and counted as dead-lettered) for the caller to report once
+        the worker has stopped.
         """
         state = self._state
         with state.lock:
             worker = state.worker
             leftovers = state.detach(worker, requeue=False) if worker else []
+            # Taken by the worker: in flight, or failed and waiting to retry.
+            self._unanswered = set(leftovers)
             leftovers.extend(state.queue)
             state.queue.clear()
             leftovers.extend(self._turns.unpark_all())
             leftovers.extend(self._sealer.unseal_all())
-            state.pending -= len(leftovers)
-            if self._bridge is not None:
-                leftovers = self._bridge.keep(leftovers)
-            # An undelivered quota aggregate is reported member by member, as it was enqueued.
-            leftovers = [part for item in leftovers for part in item.parts or [item]]
-            state.dead_lettered += len(leftovers)
+            if self._sealer.folds is not None:
+                self._sealer.folds.clear()
+            weight = sum(item.weight() for item in leftovers)
+            self._left_behind = weight
+            state.pending -= weight
+            state.folded -= weight - len(leftovers)
+            state.closing = False
             state.cond.notify_all()
-        return worker, leftovers
+        if self._bridge is not None:
+            leftovers = self._bridge.keep(leftovers)
+        reported: list[Item] = []
+        for item in leftovers:
+            if isinstance(item, UsageFold) and item.needs_seal:
+                item.operation = item.aggregate()  # reported as the one event it stands for
+            # An undelivered quota aggregate is reported member by member, as it was enqueued.
+            reported.extend(item.parts or [item])
+        with state.lock:
+            state.dead_lettered += sum(len(i.parts) if i.parts else i.weight() for i in leftovers)
+        return worker, reported
 
     def _abandon(self, items: list[Item]) -> None:
+        """Report what a close could not deliver: one ERROR with the counts, then the hook.
+
+        Sent and unanswered (in flight at the deadline, or failed and waiting to retry):
+        Commet may have recorded them, and their keys make a resend safe. Never sent: Commet
+        has nothing of them.
+        """
         if not items:
             return
-        logger.error("commet: closing with %d operations undelivered", len(items))
+        tried = [item for item in items if item.attempts or item in self._unanswered]
+        untried = len(items) - len(tried)
+        examples = ", ".join(describe(item.operation) for item in items[:3])
+        logger.error(
+            "commet: closing with %d operations undelivered: %d never sent, %d sent without an "
+            "answer that Commet recorded them (it may have; a resend under the same key would "
+            "be deduplicated). Raise shutdown_timeout, or set spool_path to keep them. First: %s",
+            len(items),
+            untried,
+            len(tried),
+            examples,
+        )
         for item in items:
-            logger.error("commet: undelivered at shutdown: %s", describe(item.operation))
+            maybe = item in tried
             self._pump.dead_letter(
                 item.operation,
-                UndeliveredError("shutdown", "not delivered before the close timeout"),
+                UndeliveredError(
+                    "shutdown",
+                    "sent, no answer before the close timeout"
+                    if maybe
+                    else "not sent before the close timeout",
+                    maybe_delivered=maybe,
+                ),
             )
+        self._unanswered.clear()
 
     # -- counters --------------------------------------------------------------------------
 
@@ -452,6 +538,7 @@ class DeliveryQueue:
                 dropped=state.dropped,
                 in_flight=worker.in_flight if worker else 0,
                 pending=state.pending,
+                queue_depth=state.pending - state.folded,
             )
 
     def aggregation_stats(self) -> AggregationStats:

@@ -234,8 +234,8 @@ class SpoolBridge:
             await asyncio.sleep(interval)
 
     def keep(self, items: list[Item]) -> list[Item]:
-        """Give back the spool rows among ``items`` (lock held); return the memory-only rest."""
-        spooled = [item.row_id for item in items if item.row_id is not None]
+        """Give back the spool rows among ``items``; return the memory-only rest."""
+        spooled = [row for item in items for row in item.spool_rows()]
         if not spooled:
             return items
         try:
@@ -247,7 +247,7 @@ class SpoolBridge:
             len(spooled),
             self.spool.path,
         )
-        return [item for item in items if item.row_id is None]
+        return [item for item in items if not item.spool_rows()]
 
     def drained(self) -> bool:
         """True if the spool has no row waiting to be claimed."""

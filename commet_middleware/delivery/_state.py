@@ -31,6 +31,8 @@ class QueueState:
         self.worker: Worker | None = None
         # Set by a worker that found nothing to take: an enqueue from then on pokes it.
         self.idle = False
+        # Set by a close whose flush ran out of time: the worker sends nothing new.
+        self.closing = False
         self.pending = 0
         # Members that joined a waiting fold (see _folding): counted in ``pending``, but taking
         # no place of their own, so ``pending - folded`` is what the queue holds.

@@ -19,8 +19,10 @@ def test_delivery_exports_exactly_its_public_names() -> None:
         "OperationSender",
         "SenderFactory",
         "UndeliveredError",
+        "aflush",
         "close_default_queues",
         "default_queue",
+        "flush",
         "retry_delay",
     ]
     for name in delivery.__all__:

@@ -192,7 +192,7 @@ def test_dead_letter_logs_never_show_the_api_key(
     make_queue: QueueFactory, sender: FakeSender, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An error message that carries the API key is logged with the key masked."""
-    sender.script["k"] = [api_error(401, "unauthorized", message="bad key ck_test_secret")]
+    sender.script["k"] = [api_error(422, "validation_error", message="bad key ck_test_secret")]
     queue = make_queue()
     queue.enqueue(event("k"))
     with caplog.at_level(logging.INFO, logger="commet_middleware.delivery"):
@@ -311,6 +311,7 @@ def test_stats_is_a_frozen_snapshot(make_queue: QueueFactory) -> None:
         "dropped",
         "in_flight",
         "pending",
+        "queue_depth",
     }
 
 

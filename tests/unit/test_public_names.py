@@ -11,7 +11,9 @@ def test_request_metering_names_are_exported() -> None:
     for name in (
         "CommetMiddleware",
         "CommetWSGIMiddleware",
+        "aflush",
         "commet_context",
+        "flush",
         "current_customer",
         "metered",
         "quota_guard",
