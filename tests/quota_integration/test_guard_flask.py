@@ -184,7 +184,8 @@ def test_error_responses_release(
         assert client.post(f"/tasks?fail={fail}", headers=USER).status_code == fail
     assert all(client.post("/tasks", headers=USER).status_code == 201 for _ in range(5))
     middleware.close()
-    assert [e.count for e in fake.quota_events("user_1", "tasks")] == [1] * 5
+    # Five units added (a sender behind may fold some adds into one: the total is what counts).
+    assert sum(e.count for e in fake.quota_events("user_1", "tasks")) == 5
 
 
 def test_raising_view_releases(settings: CommetSettings, fake: FakeCommet) -> None:

@@ -30,4 +30,5 @@ def test_events_reach_the_emulator_after_flush(fake_commet: FakeCommet) -> None:
         assert client.get("/search", headers={"X-Customer-ID": "user_123"}).data == b"ok"
     middleware.close()
     assert fake_commet.usage_total("user_123", "api_calls") == 4
-    assert len(fake_commet.events("user_123", "api_calls")) == 4
+    # Four events, or fewer if the sender fell behind and folded some into one of their total.
+    assert 1 <= len(fake_commet.events("user_123", "api_calls")) <= 4
