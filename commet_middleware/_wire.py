@@ -277,6 +277,19 @@ def _redact(text: str | None, secret: str | None) -> str | None:
     return text
 
 
+def _redact_all(value: Any, secret: str | None) -> Any:
+    """``value`` (JSON: strings, lists, objects) with ``secret`` scrubbed from every string."""
+    if not secret:
+        return value
+    if isinstance(value, str):
+        return _redact(value, secret)
+    if isinstance(value, list):
+        return [_redact_all(item, secret) for item in value]
+    if isinstance(value, dict):
+        return {_redact_all(k, secret): _redact_all(v, secret) for k, v in value.items()}
+    return value
+
+
 def parse_error(
     status: int, headers: Mapping[str, str], body: bytes, *, secret: str | None = None
 ) -> CommetAPIError:
@@ -312,12 +325,12 @@ def parse_error(
     transient = classify_answer(status, code) == "transient"
     return CommetAPIError(
         status,
-        type=text("type"),
-        code=code,
+        type=_redact(text("type"), secret),
+        code=_redact(code, secret),
         message=_redact(message, secret),
         param=_redact(text("param"), secret),
-        details=fields.get("details"),
-        request_id=_header(headers, "x-request-id"),
+        details=_redact_all(fields.get("details"), secret),
+        request_id=_redact(_header(headers, "x-request-id"), secret),
         retryable=is_retryable(status, code, retry_after),
         # Honoured on any transient answer: a 503 during maintenance often names its wait too.
         retry_after=retry_after if transient else None,

@@ -128,9 +128,7 @@ def flush(timeout: float = 10.0) -> bool:
     loop, ``await aflush()``. The queues stay usable.
     """
     deadline = time.monotonic() + timeout
-    results = [
-        queue.flush(max(deadline - time.monotonic(), 0.0)) for queue in list(live_queues)
-    ]
+    results = [queue.flush(max(deadline - time.monotonic(), 0.0)) for queue in list(live_queues)]
     return all(results)
 
 
