@@ -278,9 +278,9 @@ def _ladder(**options: Any) -> Callable[[Any, str, str], None]:
 CASES: dict[str, Case] = {
     "bare": Case(),
     "passthrough": Case(install=_passthrough),
-    "zero_code": Case(install=_zero_code, expects="commet_events"),
+    "zero_code": Case(install=_zero_code, expects="usage_total"),
     "metered": Case(
-        install=_metered_middleware, decorate=metered(FEATURE), expects="commet_events"
+        install=_metered_middleware, decorate=metered(FEATURE), expects="usage_total"
     ),
     "zero_code_agg": Case(install=_zero_code_agg, expects="usage_total"),
     "metered_agg": Case(install=_metered_agg, decorate=metered(FEATURE), expects="usage_total"),
