@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,6 +30,7 @@ from commet_middleware import (
     quota_guard,
 )
 from commet_middleware.customers import from_header
+from commet_middleware.delivery import DeliveryQueue
 
 FRAMEWORKS = ("starlette", "fastapi", "flask")
 ASGI_FRAMEWORKS = frozenset({"starlette", "fastapi"})
@@ -115,6 +117,24 @@ def _zero_code(app: Any, framework: str, sink_url: str) -> None:
         CommetMiddleware,
         CommetWSGIMiddleware,
         **commet_options(sink_url, meter=FEATURE),
+    )
+
+
+def _zero_code_thread(app: Any, framework: str, sink_url: str) -> None:
+    """``zero_code`` whose sender is a thread from the start, never a task on the app's loop:
+    what a sender that always lives in a thread would cost an ASGI app (issue 13, item 3)."""
+    queue = DeliveryQueue(CommetSettings.from_env(api_key="ck_bench", base_url=sink_url))
+    # Started from a thread with no running loop, so the worker is a thread (install may run
+    # on the server's loop); the queue flushes at exit.
+    starter = threading.Thread(target=queue.start)
+    starter.start()
+    starter.join()
+    add_middleware(
+        app,
+        framework,
+        CommetMiddleware,
+        CommetWSGIMiddleware,
+        **commet_options(sink_url, meter=FEATURE, sink=queue),
     )
 
 
@@ -279,9 +299,8 @@ CASES: dict[str, Case] = {
     "bare": Case(),
     "passthrough": Case(install=_passthrough),
     "zero_code": Case(install=_zero_code, expects="usage_total"),
-    "metered": Case(
-        install=_metered_middleware, decorate=metered(FEATURE), expects="usage_total"
-    ),
+    "zero_code_thread": Case(install=_zero_code_thread, expects="usage_total"),
+    "metered": Case(install=_metered_middleware, decorate=metered(FEATURE), expects="usage_total"),
     "zero_code_agg": Case(install=_zero_code_agg, expects="usage_total"),
     "metered_agg": Case(install=_metered_agg, decorate=metered(FEATURE), expects="usage_total"),
     # The quota cache is warm once the runner's warm-up has run: one read, then a read per TTL.
