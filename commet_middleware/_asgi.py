@@ -24,9 +24,9 @@ from ._context import (
 )
 from ._keys import client_key_seed
 from ._models import Operation
-from ._quota import QuotaGate
 from ._settings import CommetSettings, DeadLetterHook, Dialect
 from .customers import CustomerResolver, resolve_async, resolve_now, resolve_now_or_later
+from .quota import QuotaGate
 
 __all__ = ["CommetMiddleware"]
 

@@ -31,8 +31,8 @@ from ._models import (
 )
 
 if TYPE_CHECKING:
-    from ._quota import QuotaGate, Reservation
     from ._settings import CommetSettings
+    from .quota import QuotaGate, Reservation
 
 __all__ = [
     "DEFAULT_EXCLUDE",

@@ -18,7 +18,7 @@ from ._context import (
     get_current_context,
 )
 from ._models import validate_feature_code, validate_quota_count
-from ._quota import (
+from .quota import (
     OnUnavailable,
     QuotaDecision,
     QuotaGate,

@@ -23,9 +23,9 @@ from ._context import (
     declared_body_length,
 )
 from ._keys import client_key_seed
-from ._quota import QuotaGate
 from ._settings import CommetSettings, DeadLetterHook, Dialect
 from .customers import CustomerResolver, resolve_now
+from .quota import QuotaGate
 
 __all__ = ["CommetWSGIMiddleware"]
 

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from commet_middleware._client import CommetClient
-from commet_middleware._quota import AllowanceCache, QuotaGate
 from commet_middleware._settings import CommetSettings
+from commet_middleware.quota import AllowanceCache, QuotaGate
 from commet_middleware.testing import FakeCommet
 
 API_KEY = "ck_test_quota_secret_0123456789"

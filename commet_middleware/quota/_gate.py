@@ -29,400 +29,38 @@ older balance.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
-import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Protocol
+from dataclasses import dataclass
+from typing import Literal
 
-from ._client import AsyncCommetClient, CommetClient
-from ._errors import CommetAPIError, CommetError, CommetTransportError
-from ._keys import new_request_id
-from ._models import QuotaChange, validate_feature_code, validate_quota_count
-from ._results import QuotaAllowance
-from ._settings import CommetSettings
+from commet_middleware._client import AsyncCommetClient, CommetClient
+from commet_middleware._errors import CommetAPIError, CommetError
+from commet_middleware._models import QuotaChange, validate_feature_code, validate_quota_count
+from commet_middleware._results import QuotaAllowance
+from commet_middleware._settings import CommetSettings
+
+from ._cache import AllowanceCache, AllowanceLookup
+from ._decide import Number, left_of
+from ._reservations import InMemoryReservationStore, Reservation, ReservationStore
 
 __all__ = [
     "COMMET_REFUSAL_CODES",
-    "AllowanceCache",
-    "AllowanceLookup",
-    "InMemoryReservationStore",
     "OnUnavailable",
     "QuotaDecision",
     "QuotaGate",
     "QuotaStats",
-    "Reservation",
-    "ReservationStore",
-    "ratelimit_headers",
-    "refusal_body",
-    "status_for",
 ]
 
 logger = logging.getLogger("commet_middleware.quota")
 
 OnUnavailable = Literal["open", "closed"]
-Number = int | float
-Clock = Callable[[], float]
 _Key = tuple[str, str]
 
 # Commet answers that mean "this customer may not use this feature": refusals, never outages.
 COMMET_REFUSAL_CODES = frozenset(
     {"customer_not_found", "no_active_subscription", "feature_not_found", "feature_not_in_plan"}
 )
-
-# The HTTP status a refusal maps to; see status_for for the reasoning.
-_STATUS = {
-    "quota_exceeded": 402,
-    "no_active_subscription": 402,
-    "customer_not_found": 402,
-    "feature_not_in_plan": 403,
-    "customer_required": 401,
-    "feature_not_found": 500,
-    "quota_unavailable": 503,
-}
-
-_MESSAGES = {
-    "quota_exceeded": "The {feature!r} quota is used up: {remaining} of {included} left, "
-    "{count} needed. Upgrade the plan or free some units.",
-    "no_active_subscription": "No active subscription: subscribe to a plan to use {feature!r}.",
-    "customer_not_found": "No billing account for this customer: subscribe to use {feature!r}.",
-    "feature_not_in_plan": "The current plan does not include {feature!r}.",
-    "customer_required": "Sign in to use {feature!r}: no customer was identified.",
-    "feature_not_found": "{feature!r} is not configured for billing.",
-    "quota_unavailable": "The {feature!r} quota cannot be checked right now; try again shortly.",
-}
-
-
-# --- the allowance cache ---
-
-
-class AllowanceLookup(NamedTuple):
-    """One cache lookup: the allowance and how it was obtained.
-
-    ``source`` is ``"cache"`` (fresh entry, no network), ``"fetched"`` (this caller made the
-    request) or ``"shared"`` (this caller waited for another caller's request).
-    """
-
-    allowance: QuotaAllowance
-    source: Literal["cache", "fetched", "shared"]
-
-
-@dataclass
-class _Entry:
-    allowance: QuotaAllowance
-    fetched_at: float
-
-
-class _Flight:
-    """One sync fetch in progress: the leader fills it in, followers wait on ``done``."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.allowance: QuotaAllowance | None = None
-        self.error: BaseException | None = None
-
-
-class AllowanceCache:
-    """Per (customer, feature) allowances with a short TTL, single-flight fetches, and the
-    last known value kept past expiry for fail-open.
-
-    Thread-safe, and safe across asyncio tasks. Errors are never cached: a failed fetch leaves
-    the entry as it was, and the next lookup tries again.
-    """
-
-    def __init__(
-        self,
-        ttl: float = 5.0,
-        *,
-        clock: Clock = time.monotonic,
-        max_entries: int = 10_000,
-        wait_timeout: float = 10.0,
-    ) -> None:
-        if ttl < 0:
-            raise ValueError("ttl must be >= 0")
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
-        self.ttl = ttl
-        self._clock = clock
-        self._max_entries = max_entries
-        # How long a sync follower waits for the leader's fetch before giving up (a timeout
-        # surfaces as CommetTransportError, i.e. "Commet unavailable").
-        self._wait_timeout = wait_timeout
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[_Key, _Entry] = OrderedDict()
-        self._flights: dict[_Key, _Flight] = {}
-        self._tasks: dict[_Key, asyncio.Task[QuotaAllowance]] = {}
-
-    # reads and writes
-
-    def fresh(self, customer_id: str, feature: str) -> QuotaAllowance | None:
-        """Return the cached allowance if it is younger than the TTL, else None."""
-        with self._lock:
-            entry = self._entries.get((customer_id, feature))
-            if entry is None or self._clock() - entry.fetched_at >= self.ttl:
-                return None
-            return entry.allowance
-
-    def last_known(self, customer_id: str, feature: str) -> QuotaAllowance | None:
-        """Return the last allowance seen, however old (None if never seen)."""
-        with self._lock:
-            entry = self._entries.get((customer_id, feature))
-            return None if entry is None else entry.allowance
-
-    def put(self, customer_id: str, feature: str, allowance: QuotaAllowance) -> None:
-        """Store an allowance Commet just answered; it is fresh for ``ttl`` seconds."""
-        with self._lock:
-            self._store((customer_id, feature), _Entry(allowance, self._clock()))
-
-    def apply_new_balance(self, customer_id: str, feature: str, new_balance: Number) -> None:
-        """Set the cached balance to ``new_balance`` (Commet's answer to one of our writes) and
-        recompute remaining and billed from ``included``; the entry is fresh again.
-
-        Does nothing when the entry is not cached: there is no ``included`` to compute from.
-        """
-        with self._lock:
-            key = (customer_id, feature)
-            entry = self._entries.get(key)
-            if entry is not None:
-                allowance = _with_balance(entry.allowance, new_balance)
-                self._store(key, _Entry(allowance, self._clock()))
-
-    def apply_delta(self, customer_id: str, feature: str, delta: Number) -> None:
-        """Move the cached balance by ``delta`` (a write of ours not yet confirmed by Commet).
-
-        The entry keeps its age, so the TTL still bounds how long Commet goes unasked.
-        """
-        with self._lock:
-            entry = self._entries.get((customer_id, feature))
-            if entry is not None:
-                new = max(entry.allowance.current + delta, 0)
-                entry.allowance = _with_balance(entry.allowance, new)
-
-    def invalidate(self, customer_id: str, feature: str) -> None:
-        """Forget the entry, stale copy included."""
-        with self._lock:
-            self._entries.pop((customer_id, feature), None)
-
-    def clear(self) -> None:
-        """Forget every entry."""
-        with self._lock:
-            self._entries.clear()
-
-    def _store(self, key: _Key, entry: _Entry) -> None:
-        # Caller holds the lock. Oldest-written first out: a bound, not a policy.
-        self._entries[key] = entry
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
-
-    # single-flight lookups
-
-    def get(
-        self, customer_id: str, feature: str, fetch: Callable[[], QuotaAllowance]
-    ) -> AllowanceLookup:
-        """Return the fresh allowance, or fetch it once however many threads ask at once.
-
-        Followers get the leader's allowance, or its exception, re-raised in their thread.
-        """
-        key = (customer_id, feature)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and self._clock() - entry.fetched_at < self.ttl:
-                return AllowanceLookup(entry.allowance, "cache")
-            flight = self._flights.get(key)
-            leader = flight is None
-            if flight is None:
-                flight = self._flights[key] = _Flight()
-        if not leader:
-            if not flight.done.wait(self._wait_timeout):
-                raise CommetTransportError(
-                    f"timed out after {self._wait_timeout}s waiting for a quota read"
-                )
-            if flight.error is not None:
-                raise flight.error
-            if flight.allowance is None:  # the leader died of something it did not raise
-                raise CommetTransportError("a concurrent quota read ended without an answer")
-            return AllowanceLookup(flight.allowance, "shared")
-        try:
-            allowance = fetch()
-        except BaseException as exc:
-            flight.error = exc
-            raise
-        else:
-            flight.allowance = allowance
-            self.put(customer_id, feature, allowance)
-            return AllowanceLookup(allowance, "fetched")
-        finally:
-            with self._lock:
-                self._flights.pop(key, None)
-            flight.done.set()
-
-    async def aget(
-        self,
-        customer_id: str,
-        feature: str,
-        fetch: Callable[[], Awaitable[QuotaAllowance]],
-    ) -> AllowanceLookup:
-        """Return the fresh allowance, or fetch it once however many tasks ask at once.
-
-        The fetch runs in its own task that every caller awaits through ``asyncio.shield``: a
-        cancelled caller does not cancel the request the others are waiting for.
-        """
-        key = (customer_id, feature)
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and self._clock() - entry.fetched_at < self.ttl:
-                return AllowanceLookup(entry.allowance, "cache")
-            shared = self._tasks.get(key)
-            # A task of another event loop cannot be awaited here: start a flight of our own.
-            leader = shared is None or shared.get_loop() is not loop
-            if shared is None or leader:
-                task = loop.create_task(self._fetch_and_store(key, fetch))
-                self._tasks[key] = task
-                task.add_done_callback(lambda done: self._forget_task(key, done))
-            else:
-                task = shared
-        allowance = await asyncio.shield(task)
-        return AllowanceLookup(allowance, "fetched" if leader else "shared")
-
-    async def _fetch_and_store(
-        self, key: _Key, fetch: Callable[[], Awaitable[QuotaAllowance]]
-    ) -> QuotaAllowance:
-        allowance = await fetch()
-        self.put(key[0], key[1], allowance)
-        return allowance
-
-    def _forget_task(self, key: _Key, task: asyncio.Task[QuotaAllowance]) -> None:
-        with self._lock:
-            if self._tasks.get(key) is task:
-                del self._tasks[key]
-        # Mark the exception retrieved: when every waiter was cancelled nobody else will.
-        if not task.cancelled():
-            task.exception()
-
-
-def _left(allowance: QuotaAllowance) -> Number | None:
-    # Units left before the included amount runs out; None when unlimited. An answer without
-    # ``remaining`` gets it derived as Commet defines it.
-    if allowance.unlimited:
-        return None
-    if allowance.remaining is not None:
-        return allowance.remaining
-    return max(allowance.included - allowance.current, 0)
-
-
-def _with_balance(allowance: QuotaAllowance, balance: Number) -> QuotaAllowance:
-    # Built field by field rather than with dataclasses.replace: this runs on every guarded
-    # request (the cache moves at commit), and replace() costs several times as much.
-    if allowance.unlimited:
-        remaining = allowance.remaining
-        billed = allowance.billed_quantity
-    else:
-        remaining = max(allowance.included - balance, 0)
-        # Billing follows the period's high-water mark: a lower balance never lowers it.
-        billed = max(allowance.billed_quantity, balance - allowance.included, 0)
-    return QuotaAllowance(
-        allowance.feature_code,
-        balance,
-        allowance.included,
-        remaining,
-        billed,
-        allowance.unlimited,
-        allowance.overage_enabled,
-        allowance.as_of,
-    )
-
-
-# --- reservations ---
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    """``count`` units of a customer's feature held by one request until commit or release."""
-
-    customer_id: str
-    feature: str
-    count: int
-    # Unique across processes (a store may be shared) without uuid4's system call.
-    id: str = field(default_factory=new_request_id)
-
-
-class ReservationStore(Protocol):
-    """Where in-flight reservations live. Every method is atomic; all are quick and in-memory
-    (a Redis store, for several processes, can implement the same four methods)."""
-
-    def reserve(
-        self, customer_id: str, feature: str, count: int, limit: Number | None
-    ) -> Reservation | None:
-        """Hold ``count`` units if ``in_flight + count <= limit`` (None: no limit), else None."""
-        ...
-
-    def release(self, reservation: Reservation) -> bool:
-        """Give the units back; False if the reservation was already settled."""
-        ...
-
-    def commit(self, reservation: Reservation) -> bool:
-        """Settle the reservation as used; False if it was already settled."""
-        ...
-
-    def in_flight(self, customer_id: str, feature: str) -> int:
-        """Return the units currently held for the customer's feature."""
-        ...
-
-
-class InMemoryReservationStore:
-    """A :class:`ReservationStore` for one process, guarded by a ``threading.Lock``."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held: dict[_Key, int] = {}
-        self._open: dict[str, Reservation] = {}
-
-    def reserve(
-        self, customer_id: str, feature: str, count: int, limit: Number | None
-    ) -> Reservation | None:
-        """Hold ``count`` units if ``in_flight + count <= limit`` (None: no limit), else None."""
-        key = (customer_id, feature)
-        with self._lock:
-            held = self._held.get(key, 0)
-            if limit is not None and held + count > limit:
-                return None
-            reservation = Reservation(customer_id, feature, count)
-            self._held[key] = held + count
-            self._open[reservation.id] = reservation
-            return reservation
-
-    def _settle(self, reservation: Reservation) -> bool:
-        with self._lock:
-            if self._open.pop(reservation.id, None) is None:
-                return False
-            key = (reservation.customer_id, reservation.feature)
-            left = self._held.get(key, 0) - reservation.count
-            if left > 0:
-                self._held[key] = left
-            else:
-                self._held.pop(key, None)
-            return True
-
-    def release(self, reservation: Reservation) -> bool:
-        """Give the units back; False if the reservation was already settled."""
-        return self._settle(reservation)
-
-    def commit(self, reservation: Reservation) -> bool:
-        """Settle the reservation as used; False if it was already settled."""
-        return self._settle(reservation)
-
-    def in_flight(self, customer_id: str, feature: str) -> int:
-        """Return the units currently held for the customer's feature."""
-        with self._lock:
-            return self._held.get((customer_id, feature), 0)
-
-
-# --- decisions ---
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,78 +91,6 @@ class QuotaDecision:
     degraded: bool = False
     stale: bool = False
     request_id: str | None = None
-
-
-def status_for(decision: QuotaDecision) -> int:
-    """Return the HTTP status for a decision: 200 when allowed.
-
-    - 402 ``quota_exceeded``, ``no_active_subscription``, ``customer_not_found``: paying
-      (upgrading, subscribing) is what lets the request through. ``customer_not_found`` is
-      402, not 404: the app authenticated the caller, Commet just has no account for them
-      yet, and a 404 would claim the URL does not exist.
-    - 403 ``feature_not_in_plan``: the customer has a plan, and it does not include this.
-    - 401 ``customer_required``: no customer was identified (an anonymous caller).
-    - 500 ``feature_not_found``: the endpoint names a feature Commet does not know, a server
-      configuration error, not the client's.
-    - 503 ``quota_unavailable``: Commet could not be asked and the policy is ``"closed"``.
-    """
-    if decision.allowed:
-        return 200
-    return _STATUS.get(decision.code or "", 403)
-
-
-def refusal_body(decision: QuotaDecision) -> dict[str, dict[str, object]]:
-    """Return the stable JSON body of a refusal; every key is always present (null when
-    unknown)."""
-    code = decision.code or "quota_exceeded"
-    message = _MESSAGES.get(code, "Quota check refused ({code}).").format(
-        feature=decision.feature,
-        remaining=decision.remaining,
-        included=decision.included,
-        count=decision.count,
-        code=code,
-    )
-    return {
-        "error": {
-            "type": "quota_error",
-            "code": code,
-            "message": message,
-            "feature": decision.feature,
-            "current": decision.current,
-            "included": decision.included,
-            "remaining": decision.remaining,
-        }
-    }
-
-
-def _sf_integer(value: Number) -> int:
-    # Structured-field Integers only: a fractional allowance is rounded down, never up.
-    return max(int(value), 0)
-
-
-def ratelimit_headers(decision: QuotaDecision) -> list[tuple[str, str]]:
-    """Return RateLimit headers (draft-ietf-httpapi-ratelimit-headers, -08 to -11 form).
-
-    Only for a ceiling that applies (``enforced``) with known numbers, e.g. for plan "tasks"
-    with 50 included and 3 left::
-
-        RateLimit-Policy: "tasks";q=50
-        RateLimit: "tasks";r=3
-
-    The policy name is the feature code (a String item). ``w`` and ``t`` are left out: a quota
-    balance has no window and does not reset with time; ``qu`` is left out because none of the
-    registered units (requests, content-bytes, concurrent-requests) describes feature units.
-    A ``quota_unavailable`` refusal gets ``Retry-After: 1`` instead.
-    """
-    if decision.code == "quota_unavailable":
-        return [("Retry-After", "1")]
-    if not decision.enforced or decision.included is None or decision.remaining is None:
-        return []
-    name = f'"{decision.feature}"'
-    return [
-        ("RateLimit-Policy", f"{name};q={_sf_integer(decision.included)}"),
-        ("RateLimit", f"{name};r={_sf_integer(decision.remaining)}"),
-    ]
 
 
 # --- stats ---
@@ -897,7 +463,7 @@ class QuotaGate:
             # as free.
             allowance = self.cache.last_known(customer_id, feature) or allowance
             enforced = not allowance.unlimited and (hard_limit or not allowance.overage_enabled)
-            left = _left(allowance)
+            left = left_of(allowance)
             reservation = self.store.reserve(
                 customer_id, feature, count, left if enforced else None
             )
