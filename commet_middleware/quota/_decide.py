@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from commet_middleware._results import QuotaAllowance
 
-__all__ = ["Number", "left_of", "with_balance"]
+__all__ = ["Number", "Verdict", "decide", "left_of", "with_balance"]
 
 Number = int | float
 
@@ -39,3 +41,33 @@ def with_balance(allowance: QuotaAllowance, balance: Number) -> QuotaAllowance:
         allowance.overage_enabled,
         allowance.as_of,
     )
+
+
+class Verdict(NamedTuple):
+    """What :func:`decide` concluded for one request."""
+
+    allowed: bool
+    # A ceiling applies: not unlimited, and no overage (or ``hard_limit``).
+    enforced: bool
+    # Units left before ``included`` runs out, before the units held in flight; None: unlimited.
+    left: Number | None
+
+
+def decide(
+    current: Number,
+    included: Number,
+    unlimited: bool,
+    overage_enabled: bool,
+    held: Number,
+    count: Number,
+    hard_limit: bool,
+) -> Verdict:
+    """Decide whether ``count`` more units fit: the one rule every store applies atomically.
+
+    ``current`` is the balance with our own unconfirmed changes applied, ``held`` the units
+    other requests hold in flight. The Redis store runs the same rule in Lua (``_redis``).
+    """
+    enforced = not unlimited and (hard_limit or not overage_enabled)
+    left = None if unlimited else max(included - current, 0)
+    allowed = not enforced or (left is not None and held + count <= left)
+    return Verdict(allowed, enforced, left)

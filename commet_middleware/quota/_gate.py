@@ -29,20 +29,32 @@ older balance.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from commet_middleware._client import AsyncCommetClient, CommetClient
-from commet_middleware._errors import CommetAPIError, CommetError
+from commet_middleware._errors import CommetAPIError, CommetError, CommetTransportError
 from commet_middleware._models import QuotaChange, validate_feature_code, validate_quota_count
 from commet_middleware._results import QuotaAllowance
 from commet_middleware._settings import CommetSettings
 
 from ._cache import AllowanceCache, AllowanceLookup
-from ._decide import Number, left_of
-from ._reservations import InMemoryReservationStore, Reservation, ReservationStore
+from ._decide import Number
+from ._reservations import InMemoryReservationStore, Reservation
+from ._store import (
+    MemoryQuotaStore,
+    QuotaStore,
+    QuotaStoreError,
+    ReserveMode,
+    StoreOutcome,
+    open_store,
+)
 
 __all__ = [
     "COMMET_REFUSAL_CODES",
@@ -55,7 +67,13 @@ __all__ = [
 logger = logging.getLogger("commet_middleware.quota")
 
 OnUnavailable = Literal["open", "closed"]
-_Key = tuple[str, str]
+# How often a process waiting for another's read of Commet looks at the store.
+_POLL = 0.005
+# How long a change of ours counts as unconfirmed before the store forgets it (a worker that
+# died before delivering it); a read of Commet then says what really happened.
+_PENDING_TTL = 600.0
+# At most one warning this often while the quota store is failing.
+_STORE_ERROR_EVERY = 10.0
 
 # Commet answers that mean "this customer may not use this feature": refusals, never outages.
 COMMET_REFUSAL_CODES = frozenset(
@@ -106,6 +124,8 @@ _COUNTERS = (
     "degraded_open",
     "stale_served",
     "closed_unavailable",
+    "key_rejected",
+    "store_errors",
     "committed",
     "released",
     "confirmed",
@@ -144,8 +164,10 @@ class QuotaGate:
     """Checks quota before a request and settles it after: the engine behind ``quota_guard``.
 
     Built from settings; ``client``/``async_client`` default to clients of its own with no
-    retries (a read on the request path gets one try within ``settings.quota_timeout``), and
-    ``cache``/``store`` to in-memory ones. ``close``/``aclose`` close only the clients it made.
+    retries (a read on the request path gets one try within ``settings.quota_timeout``).
+    ``quota_store`` defaults to the store ``settings.quota_store`` names (``memory``: this
+    process; ``cache``/``store`` customise the memory one). ``close``/``aclose`` close only
+    the clients and the store it made.
     """
 
     def __init__(
@@ -155,7 +177,8 @@ class QuotaGate:
         client: CommetClient | None = None,
         async_client: AsyncCommetClient | None = None,
         cache: AllowanceCache | None = None,
-        store: ReservationStore | None = None,
+        store: InMemoryReservationStore | None = None,
+        quota_store: QuotaStore | None = None,
     ) -> None:
         self.settings = settings
         self._client = client
@@ -163,17 +186,38 @@ class QuotaGate:
         self._owns_client = client is None
         self._owns_async_client = async_client is None
         self._client_lock = threading.Lock()
-        self.cache = cache or AllowanceCache(wait_timeout=settings.quota_timeout * 2 + 1.0)
-        self.store: ReservationStore = store or InMemoryReservationStore()
+        wait = settings.quota_timeout * 2 + 1.0
+        self._owns_store = quota_store is None
+        if quota_store is None:
+            if cache is not None or store is not None or settings.quota_store == "memory":
+                quota_store = MemoryQuotaStore(
+                    cache=cache or AllowanceCache(wait_timeout=wait), reservations=store
+                )
+            else:
+                quota_store = open_store(settings)
+        self.quota_store: QuotaStore = quota_store
+        # The memory store's parts, for tests and tools that look inside one process.
+        self.cache: AllowanceCache | None = None
+        self.store: InMemoryReservationStore | None = None
+        if isinstance(quota_store, MemoryQuotaStore):
+            self.cache = quota_store.cache
+            self.store = quota_store.reservations
+            # The cache is also the single-flight of this process's reads.
+            self._reads = quota_store.cache
+            self.ttl = quota_store.cache.ttl
+        else:
+            # Only the single-flight of this process's reads: freshness lives in the store.
+            self._reads = AllowanceCache(0.0, max_entries=1, wait_timeout=wait)
+            self.ttl = 5.0
         self.stats = QuotaStats()
-        # Reading the allowance and reserving against it must not interleave with a commit
-        # moving units from "in flight" to "balance", or one unit could be counted in neither.
-        self._ledger_lock = threading.Lock()
         # Feature codes already validated: a guard checks the same few on every request.
         self._checked_features: set[str] = set()
-        # Our quota changes handed to delivery and not yet confirmed, per (customer, feature):
-        # [how many, whether several overlapped since the count was last zero].
-        self._outstanding: dict[_Key, list[int]] = {}
+        # Loud lines said once, not per request.
+        self._key_rejection_told = False
+        self._store_error_told_at = -1e9
+
+    def __repr__(self) -> str:
+        return f"<QuotaGate store={self.quota_store.url!r}>"
 
     # clients
 
@@ -193,10 +237,12 @@ class QuotaGate:
             return self._async_client
 
     def close(self) -> None:
-        """Close the sync client, if this gate made it."""
+        """Close the sync client and the store, if this gate made them."""
         if self._owns_client and self._client is not None:
             self._client.close()
             self._client = None
+        if self._owns_store:
+            self.quota_store.close()
 
     async def aclose(self) -> None:
         """Close the async client, if this gate made it."""
@@ -218,21 +264,25 @@ class QuotaGate:
         """Decide whether ``customer_id`` may use ``count`` more units of ``feature`` (sync).
 
         An allowed decision holds a reservation: ``commit`` it when the work succeeded,
-        ``release`` it when it failed. Never raises for Commet's sake.
+        ``release`` it when it failed. Never raises for Commet's or the store's sake.
         """
         customer = self._begin(customer_id, feature, count, on_unavailable)
         if isinstance(customer, QuotaDecision):
             return customer
+        warm = self._warm(customer, feature, count, hard_limit, on_unavailable)
+        if warm is not None:
+            return warm
         client = self._sync_client()
         timeout = self.settings.quota_timeout
 
-        def fetch() -> QuotaAllowance:
+        def ask_commet() -> QuotaAllowance:
             self.stats.add("fetches")
             return client.get_quota(customer, feature, timeout=timeout)
 
+        read = self._fleet_read(customer, feature, ask_commet)
         try:
-            lookup: AllowanceLookup | CommetError = self.cache.get(customer, feature, fetch)
-        except CommetError as exc:
+            lookup: AllowanceLookup | Exception = self._reads.get(customer, feature, read)
+        except (CommetError, QuotaStoreError) as exc:
             lookup = exc
         except Exception as exc:  # a bug of ours must not break the host app's request
             lookup = _internal_error(exc)
@@ -247,19 +297,15 @@ class QuotaGate:
         hard_limit: bool = False,
         on_unavailable: OnUnavailable = "open",
     ) -> QuotaDecision | None:
-        """The decision :meth:`acheck` would make, when it needs no fetch; else None.
+        """The decision :meth:`acheck` would make, when it needs no read of Commet; else None.
 
-        Decides from a fresh cached allowance (or refuses a missing customer) without a
+        Decides from a fresh stored allowance (or refuses a missing customer) without a
         coroutine: the async guard's path for a warm cache. None: ask :meth:`acheck`.
         """
         customer = self._begin(customer_id, feature, count, on_unavailable)
         if isinstance(customer, QuotaDecision):
             return customer
-        allowance = self.cache.fresh(customer, feature)
-        if allowance is None:
-            return None
-        counted = ("checks", "cache_hits")
-        return self._decide(customer, feature, count, allowance, hard_limit, counted=counted)
+        return self._warm(customer, feature, count, hard_limit, on_unavailable)
 
     async def acheck(
         self,
@@ -277,28 +323,119 @@ class QuotaGate:
         customer = self._begin(customer_id, feature, count, on_unavailable)
         if isinstance(customer, QuotaDecision):
             return customer
+        warm = self._warm(customer, feature, count, hard_limit, on_unavailable)
+        if warm is not None:
+            return warm
         client = self._async()
         timeout = self.settings.quota_timeout
 
-        async def fetch() -> QuotaAllowance:
+        async def ask_commet() -> QuotaAllowance:
             self.stats.add("fetches")
             return await client.get_quota(customer, feature, timeout=timeout)
 
+        read = self._afleet_read(customer, feature, ask_commet)
         try:
-            lookup: AllowanceLookup | CommetError = await self.cache.aget(customer, feature, fetch)
-        except CommetError as exc:
+            lookup: AllowanceLookup | Exception = await self._reads.aget(customer, feature, read)
+        except (CommetError, QuotaStoreError) as exc:
             lookup = exc
         except Exception as exc:  # a bug of ours must not break the host app's request
             lookup = _internal_error(exc)
         return self._finish(customer, feature, count, lookup, hard_limit, on_unavailable)
+
+    def _warm(
+        self,
+        customer: str,
+        feature: str,
+        count: int,
+        hard_limit: bool,
+        on_unavailable: OnUnavailable,
+    ) -> QuotaDecision | None:
+        # A fresh allowance in the store decides in one atomic step; None: read Commet first.
+        outcome = self._reserve(customer, feature, count, "fresh", hard_limit)
+        if isinstance(outcome, QuotaStoreError):
+            self.stats.add("checks")
+            return self._store_down(customer, feature, count, outcome, on_unavailable)
+        if outcome.kind == "miss":
+            return None
+        return self._from_outcome(customer, feature, count, outcome, ("checks", "cache_hits"))
+
+    # one read of Commet per (customer, feature) and TTL, for every process sharing the store
+
+    def _read_lease(self) -> float:
+        return self.settings.quota_timeout + 1.0
+
+    def _fleet_read(
+        self, customer: str, feature: str, ask_commet: Callable[[], QuotaAllowance]
+    ) -> Callable[[], QuotaAllowance]:
+        store = self.quota_store
+
+        def read() -> QuotaAllowance:
+            deadline = time.monotonic() + self._read_lease() + 0.5
+            while True:
+                if store.claim_read(customer, feature, self._read_lease()):
+                    return self._read_and_save(customer, feature, ask_commet)
+                # Another process is reading: its answer, saved in the store, is ours too.
+                if store.fresh(customer, feature, self.ttl):
+                    known = store.last_known(customer, feature)
+                    if known is not None:
+                        return known
+                if time.monotonic() >= deadline:
+                    raise CommetTransportError("timed out waiting for another process's read")
+                time.sleep(_POLL)
+
+        return read
+
+    def _afleet_read(
+        self, customer: str, feature: str, ask_commet: Callable[[], Awaitable[QuotaAllowance]]
+    ) -> Callable[[], Awaitable[QuotaAllowance]]:
+        store = self.quota_store
+
+        async def read() -> QuotaAllowance:
+            deadline = time.monotonic() + self._read_lease() + 0.5
+            while True:
+                if store.claim_read(customer, feature, self._read_lease()):
+                    try:
+                        allowance = await ask_commet()
+                    except BaseException:
+                        self._end_read(customer, feature)
+                        raise
+                    store.save_allowance(customer, feature, allowance)
+                    return allowance
+                if store.fresh(customer, feature, self.ttl):
+                    known = store.last_known(customer, feature)
+                    if known is not None:
+                        return known
+                if time.monotonic() >= deadline:
+                    raise CommetTransportError("timed out waiting for another process's read")
+                await asyncio.sleep(_POLL)
+
+        return read
+
+    def _read_and_save(
+        self, customer: str, feature: str, ask_commet: Callable[[], QuotaAllowance]
+    ) -> QuotaAllowance:
+        try:
+            allowance = ask_commet()
+        except BaseException:
+            self._end_read(customer, feature)
+            raise
+        self.quota_store.save_allowance(customer, feature, allowance)
+        return allowance
+
+    def _end_read(self, customer: str, feature: str) -> None:
+        # On a failure the claim's lease ends it anyway.
+        with contextlib.suppress(QuotaStoreError):
+            self.quota_store.end_read(customer, feature)
 
     # settling
 
     def commit(self, reservation: Reservation, *, idempotency_key: str) -> QuotaChange:
         """Settle ``reservation`` as used and return the quota add to enqueue.
 
-        The cached balance moves by ``count`` at once, so the next check is warm and exact.
-        Raises ``ValueError`` if the reservation was already committed or released.
+        The stored balance moves by ``count`` at once (as an unconfirmed change), so the next
+        check is warm and exact. Raises ``ValueError`` if the reservation was already committed
+        or released (memory store; a shared store says so in a warning and the add is still
+        returned: its idempotency key keeps a repeat from counting twice at Commet).
         """
         if not idempotency_key:
             raise ValueError("an idempotency key is required: it is what makes a retry safe")
@@ -310,77 +447,92 @@ class QuotaGate:
             reservation.count,
             idempotency_key,
         )
-        with self._ledger_lock:
-            if not self.store.commit(reservation):
-                raise ValueError(f"reservation {reservation.id} was already committed or released")
-            self.cache.apply_delta(reservation.customer_id, reservation.feature, reservation.count)
-            self._sent((reservation.customer_id, reservation.feature))
+        if reservation.stored:
+            try:
+                held = self.quota_store.commit(reservation, idempotency_key, _PENDING_TTL)
+            except QuotaStoreError as exc:
+                # The work is done: it is billed even though the store cannot count it now.
+                self._store_failed(exc, "a commit")
+                held = True
+            if not held:
+                if not self.quota_store.shared:
+                    raise ValueError(
+                        f"reservation {reservation.id} was already committed or released"
+                    )
+                logger.warning(
+                    "quota reservation %s of feature %r was no longer held at commit (settled "
+                    "already, or its lease of %ss ran out); the add is sent all the same",
+                    reservation.id,
+                    reservation.feature,
+                    self.settings.quota_lease,
+                )
         self.stats.add("committed")
         return change
 
     def release(self, reservation: Reservation) -> None:
         """Give the reservation's units back (the work failed); safe to call twice."""
-        if self.store.release(reservation):
+        if not reservation.stored:
+            return
+        try:
+            released = self.quota_store.release(reservation)
+        except QuotaStoreError as exc:
+            self._store_failed(exc, "a release (the lease frees the units)")
+            return
+        if released:
             self.stats.add("released")
 
     def record_removal(
         self, customer_id: str, feature: str, count: int = 1, *, idempotency_key: str
     ) -> QuotaChange:
-        """Return the quota remove to enqueue (``quota_release``), moving the cache at once."""
+        """Return the quota remove to enqueue (``quota_release``), moving the balance at once."""
         change = QuotaChange.create(
             customer_id, feature, "remove", count, idempotency_key=idempotency_key
         )
-        with self._ledger_lock:
-            self.cache.apply_delta(customer_id, feature, -count)
-            self._sent((customer_id, feature))
+        try:
+            self.quota_store.add_pending(
+                customer_id, feature, idempotency_key, -count, _PENDING_TTL
+            )
+        except QuotaStoreError as exc:
+            self._store_failed(exc, "a removal (sent all the same)")
         return change
 
     # what delivery tells us
 
-    def _sent(self, key: _Key) -> None:
-        # Caller holds the ledger lock.
-        entry = self._outstanding.setdefault(key, [0, 0])
-        entry[0] += 1
-        if entry[0] > 1:
-            entry[1] = 1
-
-    def _settled(self, key: _Key) -> bool:
-        # Caller holds the ledger lock. True when this was the only change in flight throughout.
-        entry = self._outstanding.get(key)
-        if entry is None:
-            return False
-        entry[0] -= 1
-        if entry[0] > 0:
-            return False
-        del self._outstanding[key]
-        return not entry[1]
-
     def confirm(self, operation: object, result: object) -> None:
         """Delivery listener: learn the balance Commet confirmed for one of our quota changes.
 
-        Applied only when no other change of ours to the same (customer, feature) overlapped it;
-        otherwise the cache's own accounting is kept. Other operations are ignored.
+        Commet's balance is taken as it is only when no other change of ours to the same
+        (customer, feature) overlapped it; otherwise our own accounting is kept (answers can
+        arrive out of order). Other operations are ignored.
         """
         if not isinstance(operation, QuotaChange):
             return
-        key = (operation.customer_id, operation.feature)
         new_balance = getattr(result, "new_balance", None)
-        with self._ledger_lock:
-            if self._settled(key) and isinstance(new_balance, (int, float)):
-                self.cache.apply_new_balance(key[0], key[1], new_balance)
-                self.stats.add("confirmed")
+        if not isinstance(new_balance, (int, float)):
+            new_balance = None
+        try:
+            exact = self.quota_store.confirm(
+                operation.customer_id, operation.feature, operation.idempotency_key, new_balance
+            )
+        except QuotaStoreError as exc:
+            self._store_failed(exc, "a confirmation")
+            return
+        if exact:
+            self.stats.add("confirmed")
 
     def forget(self, operation: object, error: object = None) -> None:
         """Dead-letter hook: a quota change of ours that Commet will never apply.
 
-        The cache had already counted it, so the entry is dropped and the next check asks Commet.
+        The store had counted it, so it is dropped and the next check asks Commet.
         """
         if not isinstance(operation, QuotaChange):
             return
-        key = (operation.customer_id, operation.feature)
-        with self._ledger_lock:
-            self._settled(key)
-            self.cache.invalidate(key[0], key[1])
+        try:
+            self.quota_store.forget(
+                operation.customer_id, operation.feature, operation.idempotency_key
+            )
+        except QuotaStoreError as exc:
+            self._store_failed(exc, "forgetting a dead-lettered change")
         self.stats.add("abandoned")
 
     # the decision, shared by check and acheck
@@ -404,29 +556,86 @@ class QuotaGate:
             )
         return customer_id
 
+    def _reserve(
+        self, customer: str, feature: str, count: int, mode: ReserveMode, hard_limit: bool
+    ) -> StoreOutcome | QuotaStoreError:
+        try:
+            return self.quota_store.reserve(
+                customer,
+                feature,
+                count,
+                mode=mode,
+                hard_limit=hard_limit,
+                ttl=self.ttl,
+                lease=self.settings.quota_lease,
+            )
+        except QuotaStoreError as exc:
+            return exc
+        except Exception as exc:  # a bug of ours must not break the host app's request
+            logger.exception("quota store failed inside commet_middleware")
+            return QuotaStoreError(f"internal error: {type(exc).__name__}")
+
     def _finish(
         self,
         customer_id: str,
         feature: str,
         count: int,
-        lookup: AllowanceLookup | CommetError,
+        lookup: AllowanceLookup | Exception,
         hard_limit: bool,
         on_unavailable: OnUnavailable,
     ) -> QuotaDecision:
         if isinstance(lookup, AllowanceLookup):
             source = "cache_hits" if lookup.source == "cache" else "cache_misses"
-            return self._decide(
-                customer_id,
-                feature,
-                count,
-                lookup.allowance,
-                hard_limit,
-                counted=("checks", source),
-            )
+            outcome = self._reserve(customer_id, feature, count, "any", hard_limit)
+            if isinstance(outcome, QuotaStoreError):
+                self.stats.add("checks", source)
+                return self._store_down(customer_id, feature, count, outcome, on_unavailable)
+            if outcome.kind != "miss":
+                return self._from_outcome(customer_id, feature, count, outcome, ("checks", source))
+            lookup = CommetError("the allowance read was not kept by the quota store")
         self.stats.add("checks", "cache_misses")
+        if isinstance(lookup, QuotaStoreError):
+            return self._store_down(customer_id, feature, count, lookup, on_unavailable)
+        if isinstance(lookup, CommetAPIError) and lookup.status in (401, 403):
+            return self._key_rejected(customer_id, feature, count, lookup)
         if isinstance(lookup, CommetAPIError) and lookup.code in COMMET_REFUSAL_CODES:
             return self._commet_refusal(customer_id, feature, count, lookup)
-        return self._unavailable(customer_id, feature, count, lookup, hard_limit, on_unavailable)
+        error = lookup if isinstance(lookup, CommetError) else _internal_error(lookup)
+        return self._unavailable(customer_id, feature, count, error, hard_limit, on_unavailable)
+
+    def _from_outcome(
+        self,
+        customer_id: str,
+        feature: str,
+        count: int,
+        outcome: StoreOutcome,
+        counted: tuple[str, ...],
+        *,
+        stale: bool = False,
+    ) -> QuotaDecision:
+        allowance = outcome.allowance
+        left = outcome.left
+        allowed = outcome.kind == "allowed"
+        decision = QuotaDecision(
+            allowed=allowed,
+            feature=feature,
+            count=count,
+            customer_id=customer_id,
+            code=None if allowed else "quota_exceeded",
+            current=None if allowance is None else allowance.current,
+            included=None if allowance is None else allowance.included,
+            remaining=None if left is None else max(left - outcome.held, 0),
+            unlimited=False if allowance is None else allowance.unlimited,
+            overage_enabled=False if allowance is None else allowance.overage_enabled,
+            enforced=outcome.enforced,
+            reservation=outcome.reservation,
+            degraded=stale or allowance is None,
+            stale=stale,
+        )
+        if allowed:
+            self.stats.add("allowed", *counted)
+            return decision
+        return self._refuse(decision, counted=counted)
 
     def _commet_refusal(
         self, customer_id: str, feature: str, count: int, error: CommetAPIError
@@ -446,49 +655,76 @@ class QuotaGate:
             quiet=True,
         )
 
-    def _decide(
+    def _key_rejected(
+        self, customer_id: str, feature: str, count: int, error: CommetAPIError
+    ) -> QuotaDecision:
+        # Not an outage: no policy lets a request through on a key Commet refuses, since every
+        # quota add it would send is refused too (unbilled work).
+        if not self._key_rejection_told:
+            self._key_rejection_told = True
+            logger.error(
+                "Commet rejected the API key on a quota read (HTTP %s): every @quota_guard "
+                "request is refused with 503 commet_key_rejected until it is fixed. Set "
+                "COMMET_API_KEY (or api_key=) to a valid key of this Commet account with "
+                "access to the usage API: %s",
+                error.status,
+                error,
+            )
+        self.stats.add("key_rejected")
+        return self._refuse(
+            QuotaDecision(
+                allowed=False,
+                feature=feature,
+                count=count,
+                customer_id=customer_id,
+                code="commet_key_rejected",
+                request_id=error.request_id,
+            ),
+            quiet=True,
+        )
+
+    def _store_failed(self, error: Exception, doing: str) -> None:
+        self.stats.add("store_errors")
+        now = time.monotonic()
+        # One line every few seconds, not one per request, while the store is down.
+        if now - self._store_error_told_at >= _STORE_ERROR_EVERY:
+            self._store_error_told_at = now
+            logger.warning(
+                "quota store %s failed during %s: %s", self.quota_store.url, doing, error
+            )
+
+    def _store_down(
         self,
         customer_id: str,
         feature: str,
         count: int,
-        allowance: QuotaAllowance,
-        hard_limit: bool,
-        *,
-        stale: bool = False,
-        counted: tuple[str, ...] = (),
+        error: QuotaStoreError,
+        on_unavailable: OnUnavailable,
     ) -> QuotaDecision:
-        with self._ledger_lock:
-            # Re-read under the lock: a commit since the lookup moved units from "in flight"
-            # into the cached balance, and deciding from the older copy would count them twice
-            # as free.
-            allowance = self.cache.last_known(customer_id, feature) or allowance
-            enforced = not allowance.unlimited and (hard_limit or not allowance.overage_enabled)
-            left = left_of(allowance)
-            reservation = self.store.reserve(
-                customer_id, feature, count, left if enforced else None
+        self._store_failed(error, f"a check ({on_unavailable} policy applies)")
+        if on_unavailable == "closed":
+            self.stats.add("closed_unavailable")
+            return self._refuse(
+                QuotaDecision(
+                    allowed=False,
+                    feature=feature,
+                    count=count,
+                    customer_id=customer_id,
+                    code="quota_unavailable",
+                    degraded=True,
+                ),
+                quiet=True,
             )
-            held = self.store.in_flight(customer_id, feature)
-        remaining = None if left is None else max(left - held, 0)
-        decision = QuotaDecision(
-            allowed=reservation is not None,
+        self.stats.add("degraded_open", "allowed")
+        # Held nowhere (the store is out of reach), but committed and billed like any other.
+        return QuotaDecision(
+            allowed=True,
             feature=feature,
             count=count,
             customer_id=customer_id,
-            code=None if reservation is not None else "quota_exceeded",
-            current=allowance.current,
-            included=allowance.included,
-            remaining=remaining,
-            unlimited=allowance.unlimited,
-            overage_enabled=allowance.overage_enabled,
-            enforced=enforced,
-            reservation=reservation,
-            degraded=stale,
-            stale=stale,
+            reservation=Reservation(customer_id, feature, count, stored=False),
+            degraded=True,
         )
-        if decision.allowed:
-            self.stats.add("allowed", *counted)
-            return decision
-        return self._refuse(decision, counted=counted)
 
     def _unavailable(
         self,
@@ -519,30 +755,33 @@ class QuotaGate:
                 quiet=True,
             )
         self.stats.add("degraded_open")
-        last = self.cache.last_known(customer_id, feature)
-        if last is not None:
+        outcome = self._reserve(customer_id, feature, count, "any", hard_limit)
+        if isinstance(outcome, QuotaStoreError):
+            return self._store_down(customer_id, feature, count, outcome, on_unavailable)
+        if outcome.kind != "miss":
             logger.warning(
                 "quota check for feature %r decided from a stale allowance: Commet unavailable: %s",
                 feature,
                 error,
             )
             self.stats.add("stale_served")
-            return self._decide(customer_id, feature, count, last, hard_limit, stale=True)
+            return self._from_outcome(customer_id, feature, count, outcome, (), stale=True)
         logger.warning(
             "quota check for feature %r allowed blind (fail-open): Commet unavailable and no "
             "allowance known: %s",
             feature,
             error,
         )
-        with self._ledger_lock:
-            reservation = self.store.reserve(customer_id, feature, count, None)
+        outcome = self._reserve(customer_id, feature, count, "blind", hard_limit)
+        if isinstance(outcome, QuotaStoreError):
+            return self._store_down(customer_id, feature, count, outcome, on_unavailable)
         self.stats.add("allowed")
         return QuotaDecision(
             allowed=True,
             feature=feature,
             count=count,
             customer_id=customer_id,
-            reservation=reservation,
+            reservation=outcome.reservation,
             degraded=True,
         )
 

@@ -24,11 +24,16 @@ class Reservation:
     count: int
     # Unique across processes (a store may be shared) without uuid4's system call.
     id: str = field(default_factory=new_request_id)
+    # False when the quota store could not be reached and the policy let the request through
+    # anyway: nothing is held anywhere, but the commit still bills the units.
+    stored: bool = True
 
 
 class ReservationStore(Protocol):
-    """Where in-flight reservations live. Every method is atomic; all are quick and in-memory
-    (a Redis store, for several processes, can implement the same four methods)."""
+    """Where one process's in-flight reservations live (the memory quota store's part).
+
+    Every method is atomic. Stores shared by several processes hold reservations themselves,
+    with a lease (see ``QuotaStore``)."""
 
     def reserve(
         self, customer_id: str, feature: str, count: int, limit: Number | None

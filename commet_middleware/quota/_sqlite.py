@@ -1,0 +1,486 @@
+"""The SQLite quota store: one file shared by every process of one host, no server needed.
+
+Each decision is one ``BEGIN IMMEDIATE`` transaction (SQLite's write lock), so processes
+reserving at once are serialised by the file, never by check-then-set in Python. Tables are
+prefixed ``cm_quota_``, so the file may be the spool's. WAL journal, ``synchronous=NORMAL``:
+quota state is rebuilt from Commet if a crash loses the last commits, so no fsync per check.
+A lock held longer than ``timeout`` is an outage (``QuotaStoreError``), not a wait.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Literal
+
+from commet_middleware._results import QuotaAllowance
+
+from ._decide import Number, decide
+from ._reservations import Reservation
+from ._store import MISS, IdempotencyState, QuotaStoreError, ReserveMode, StoreOutcome
+
+__all__ = ["SQLiteQuotaStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cm_quota_allowance (
+    customer TEXT NOT NULL, feature TEXT NOT NULL,
+    current NUMERIC, included NUMERIC, billed NUMERIC, unlimited INTEGER, overage INTEGER,
+    as_of TEXT, fetched_at REAL NOT NULL DEFAULT 0, overlapped INTEGER NOT NULL DEFAULT 0,
+    read_until REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (customer, feature)
+);
+CREATE TABLE IF NOT EXISTS cm_quota_hold (
+    id TEXT PRIMARY KEY, customer TEXT NOT NULL, feature TEXT NOT NULL,
+    count INTEGER NOT NULL, expires REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cm_quota_hold_key ON cm_quota_hold (customer, feature);
+CREATE TABLE IF NOT EXISTS cm_quota_pending (
+    key TEXT PRIMARY KEY, customer TEXT NOT NULL, feature TEXT NOT NULL,
+    delta NUMERIC NOT NULL, expires REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cm_quota_pending_key ON cm_quota_pending (customer, feature);
+CREATE TABLE IF NOT EXISTS cm_quota_idempotency (
+    record TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, state TEXT NOT NULL,
+    response BLOB, expires REAL NOT NULL
+);
+"""
+
+# Expired holds are kept this long after their lease (not counted), so a slow request that
+# outlived its lease can still commit what it did; then they are swept.
+_HOLD_GRACE = 600.0
+
+
+class SQLiteQuotaStore:
+    """A :class:`QuotaStore` in a SQLite file; thread-safe, fork-safe (reopens in a child)."""
+
+    shared = True
+
+    def __init__(self, path: str, *, timeout: float = 1.0) -> None:
+        if not path:
+            raise ValueError("the SQLite quota store needs a file path: sqlite:///PATH")
+        self.path = path
+        self.url = "sqlite://" + path
+        # Processes contending for the write lock wait at most this long (a lock held longer is
+        # an outage). Never less than a quarter second: a burst of workers is not an outage.
+        self.timeout = max(timeout, 0.25)
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+
+    def __repr__(self) -> str:
+        return f"<SQLiteQuotaStore {self.path!r}>"
+
+    @contextmanager
+    def _tx(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                conn = self._connection()
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            except sqlite3.Error as exc:
+                self._drop()
+                raise QuotaStoreError(f"the SQLite quota store {self.path!r}: {exc}") from exc
+            try:
+                yield conn
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK")
+                raise QuotaStoreError(f"the SQLite quota store {self.path!r}: {exc}") from exc
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            else:
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    self._drop()
+                    raise QuotaStoreError(f"the SQLite quota store {self.path!r}: {exc}") from exc
+
+    def _connection(self) -> sqlite3.Connection:
+        # Caller holds the lock. A connection must not cross a fork: a child opens its own.
+        pid = os.getpid()
+        if self._conn is not None and self._pid == pid:
+            return self._conn
+        self._conn = None
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                conn = sqlite3.connect(
+                    self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+                )
+                try:
+                    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                        conn.execute("PRAGMA journal_mode = WAL")
+                    conn.execute("PRAGMA synchronous = NORMAL")
+                    conn.executescript(_SCHEMA)
+                except BaseException:
+                    conn.close()
+                    raise
+                break
+            except sqlite3.OperationalError as exc:
+                # Workers forked together open the file together: a journal-mode change can
+                # answer "locked" at once, without waiting out the busy timeout.
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
+        self._conn, self._pid = conn, pid
+        return conn
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pid == os.getpid():
+            with suppress(sqlite3.Error):
+                conn.close()
+
+    # reads of the state of one key (inside a transaction)
+
+    @staticmethod
+    def _held(conn: sqlite3.Connection, customer: str, feature: str, now: float) -> int:
+        row = conn.execute(
+            "SELECT COALESCE(SUM(count), 0) FROM cm_quota_hold "
+            "WHERE customer = ? AND feature = ? AND expires > ?",
+            (customer, feature, now),
+        ).fetchone()
+        return int(row[0])
+
+    @staticmethod
+    def _pending(conn: sqlite3.Connection, customer: str, feature: str, now: float) -> Number:
+        row = conn.execute(
+            "SELECT COALESCE(SUM(delta), 0), COUNT(*) FROM cm_quota_pending "
+            "WHERE customer = ? AND feature = ? AND expires > ?",
+            (customer, feature, now),
+        ).fetchone()
+        return row[0]  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _allowance_row(
+        conn: sqlite3.Connection, customer: str, feature: str
+    ) -> tuple[QuotaAllowance, float] | None:
+        row = conn.execute(
+            "SELECT current, included, billed, unlimited, overage, as_of, fetched_at "
+            "FROM cm_quota_allowance WHERE customer = ? AND feature = ? AND included IS NOT NULL",
+            (customer, feature),
+        ).fetchone()
+        if row is None:
+            return None
+        current, included, billed, unlimited, overage, as_of, fetched_at = row
+        allowance = QuotaAllowance(
+            feature, current, included, None, billed, bool(unlimited), bool(overage), as_of
+        )
+        return allowance, fetched_at
+
+    # the protocol
+
+    def reserve(
+        self,
+        customer_id: str,
+        feature: str,
+        count: int,
+        *,
+        mode: ReserveMode,
+        hard_limit: bool,
+        ttl: float,
+        lease: float,
+    ) -> StoreOutcome:
+        """Decide from the stored allowance and hold ``count`` units if they fit (atomically)."""
+        now = time.time()
+        with self._tx() as conn:
+            held = self._held(conn, customer_id, feature, now)
+            if mode == "blind":
+                reservation = self._hold(conn, customer_id, feature, count, now + lease)
+                return StoreOutcome("allowed", None, None, held + count, False, reservation)
+            found = self._allowance_row(conn, customer_id, feature)
+            if found is None or (mode == "fresh" and now - found[1] >= ttl):
+                return MISS
+            allowance = _with_current(
+                found[0], found[0].current + self._pending(conn, customer_id, feature, now)
+            )
+            verdict = decide(
+                allowance.current,
+                allowance.included,
+                allowance.unlimited,
+                allowance.overage_enabled,
+                held,
+                count,
+                hard_limit,
+            )
+            if not verdict.allowed:
+                return StoreOutcome("refused", allowance, verdict.left, held, verdict.enforced)
+            reservation = self._hold(conn, customer_id, feature, count, now + lease)
+        kind: Literal["allowed"] = "allowed"
+        return StoreOutcome(
+            kind, allowance, verdict.left, held + count, verdict.enforced, reservation
+        )
+
+    @staticmethod
+    def _hold(
+        conn: sqlite3.Connection, customer: str, feature: str, count: int, expires: float
+    ) -> Reservation:
+        reservation = Reservation(customer, feature, count)
+        conn.execute(
+            "INSERT INTO cm_quota_hold (id, customer, feature, count, expires) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (reservation.id, customer, feature, count, expires),
+        )
+        return reservation
+
+    def claim_read(self, customer_id: str, feature: str, lease: float) -> bool:
+        """Take the read claim unless another process holds one that has not expired."""
+        now = time.time()
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO cm_quota_allowance (customer, feature) VALUES (?, ?)",
+                (customer_id, feature),
+            )
+            taken = conn.execute(
+                "UPDATE cm_quota_allowance SET read_until = ? "
+                "WHERE customer = ? AND feature = ? AND read_until <= ?",
+                (now + lease, customer_id, feature, now),
+            ).rowcount
+        return taken == 1
+
+    def end_read(self, customer_id: str, feature: str) -> None:
+        """Give the read claim back."""
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE cm_quota_allowance SET read_until = 0 WHERE customer = ? AND feature = ?",
+                (customer_id, feature),
+            )
+
+    def reading(self, customer_id: str, feature: str) -> bool:
+        """Return True while a read claim is held."""
+        with self._tx(write=False) as conn:
+            row = conn.execute(
+                "SELECT read_until FROM cm_quota_allowance WHERE customer = ? AND feature = ?",
+                (customer_id, feature),
+            ).fetchone()
+        return row is not None and row[0] > time.time()
+
+    def fresh(self, customer_id: str, feature: str, ttl: float) -> bool:
+        """Return True when the stored allowance is younger than ``ttl``."""
+        with self._tx(write=False) as conn:
+            found = self._allowance_row(conn, customer_id, feature)
+        return found is not None and time.time() - found[1] < ttl
+
+    def save_allowance(self, customer_id: str, feature: str, allowance: QuotaAllowance) -> None:
+        """Store Commet's answer (keeping our own balance while changes are unconfirmed)."""
+        now = time.time()
+        with self._tx() as conn:
+            unconfirmed = conn.execute(
+                "SELECT COUNT(*) FROM cm_quota_pending WHERE customer = ? AND feature = ? "
+                "AND expires > ?",
+                (customer_id, feature, now),
+            ).fetchone()[0]
+            conn.execute(
+                "INSERT OR IGNORE INTO cm_quota_allowance (customer, feature) VALUES (?, ?)",
+                (customer_id, feature),
+            )
+            conn.execute(
+                "UPDATE cm_quota_allowance SET "
+                "current = CASE WHEN ? > 0 AND current IS NOT NULL THEN current ELSE ? END, "
+                "included = ?, billed = ?, unlimited = ?, overage = ?, as_of = ?, "
+                "fetched_at = ?, read_until = 0 WHERE customer = ? AND feature = ?",
+                (
+                    unconfirmed,
+                    allowance.current,
+                    allowance.included,
+                    allowance.billed_quantity,
+                    int(allowance.unlimited),
+                    int(allowance.overage_enabled),
+                    allowance.as_of,
+                    now,
+                    customer_id,
+                    feature,
+                ),
+            )
+
+    def commit(self, reservation: Reservation, change_key: str, pending_ttl: float) -> bool:
+        """Turn the held units into an unconfirmed change."""
+        now = time.time()
+        with self._tx() as conn:
+            gone = conn.execute(
+                "DELETE FROM cm_quota_hold WHERE id = ?", (reservation.id,)
+            ).rowcount
+            if gone != 1:
+                return False
+            self._add_pending(
+                conn,
+                reservation.customer_id,
+                reservation.feature,
+                change_key,
+                reservation.count,
+                now + pending_ttl,
+            )
+            # Expired holds past their grace, and expired records, go with the commits.
+            conn.execute("DELETE FROM cm_quota_hold WHERE expires < ?", (now - _HOLD_GRACE,))
+        return True
+
+    def release(self, reservation: Reservation) -> bool:
+        """Give the held units back."""
+        with self._tx() as conn:
+            gone = conn.execute(
+                "DELETE FROM cm_quota_hold WHERE id = ?", (reservation.id,)
+            ).rowcount
+        return gone == 1
+
+    def add_pending(
+        self, customer_id: str, feature: str, change_key: str, delta: int, pending_ttl: float
+    ) -> None:
+        """Count a change of ours as unconfirmed."""
+        with self._tx() as conn:
+            self._add_pending(
+                conn, customer_id, feature, change_key, delta, time.time() + pending_ttl
+            )
+
+    def _add_pending(
+        self,
+        conn: sqlite3.Connection,
+        customer: str,
+        feature: str,
+        change_key: str,
+        delta: int,
+        expires: float,
+    ) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO cm_quota_pending (key, customer, feature, delta, expires) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (change_key, customer, feature, delta, expires),
+        )
+        now = time.time()
+        conn.execute(
+            "DELETE FROM cm_quota_pending WHERE customer = ? AND feature = ? AND expires <= ?",
+            (customer, feature, now),
+        )
+        count = conn.execute(
+            "SELECT COUNT(*) FROM cm_quota_pending WHERE customer = ? AND feature = ?",
+            (customer, feature),
+        ).fetchone()[0]
+        if count > 1:
+            conn.execute(
+                "INSERT OR IGNORE INTO cm_quota_allowance (customer, feature) VALUES (?, ?)",
+                (customer, feature),
+            )
+            conn.execute(
+                "UPDATE cm_quota_allowance SET overlapped = 1 WHERE customer = ? AND feature = ?",
+                (customer, feature),
+            )
+
+    def confirm(
+        self, customer_id: str, feature: str, change_key: str, new_balance: Number | None
+    ) -> bool:
+        """Fold a confirmed change into the stored balance."""
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT delta FROM cm_quota_pending WHERE key = ?", (change_key,)
+            ).fetchone()
+            if row is None:
+                return False
+            conn.execute("DELETE FROM cm_quota_pending WHERE key = ?", (change_key,))
+            left = conn.execute(
+                "SELECT COUNT(*) FROM cm_quota_pending WHERE customer = ? AND feature = ?",
+                (customer_id, feature),
+            ).fetchone()[0]
+            state = conn.execute(
+                "SELECT overlapped FROM cm_quota_allowance "
+                "WHERE customer = ? AND feature = ? AND included IS NOT NULL",
+                (customer_id, feature),
+            ).fetchone()
+            if state is None:
+                return False
+            exact = left == 0 and not state[0] and new_balance is not None
+            if exact:
+                conn.execute(
+                    "UPDATE cm_quota_allowance SET current = ?, overlapped = 0 "
+                    "WHERE customer = ? AND feature = ?",
+                    (new_balance, customer_id, feature),
+                )
+            else:
+                conn.execute(
+                    "UPDATE cm_quota_allowance SET current = MAX(current + ?, 0), "
+                    "overlapped = CASE WHEN ? = 0 THEN 0 ELSE overlapped END "
+                    "WHERE customer = ? AND feature = ?",
+                    (row[0], left, customer_id, feature),
+                )
+        return exact
+
+    def forget(self, customer_id: str, feature: str, change_key: str) -> None:
+        """Drop the change and make the next check read Commet."""
+        with self._tx() as conn:
+            conn.execute("DELETE FROM cm_quota_pending WHERE key = ?", (change_key,))
+            conn.execute(
+                "UPDATE cm_quota_allowance SET fetched_at = 0 WHERE customer = ? AND feature = ?",
+                (customer_id, feature),
+            )
+
+    def in_flight(self, customer_id: str, feature: str) -> int:
+        """Return the units held (leases not expired)."""
+        with self._tx(write=False) as conn:
+            return self._held(conn, customer_id, feature, time.time())
+
+    def last_known(self, customer_id: str, feature: str) -> QuotaAllowance | None:
+        """Return the stored allowance with our unconfirmed changes applied."""
+        with self._tx(write=False) as conn:
+            found = self._allowance_row(conn, customer_id, feature)
+            if found is None:
+                return None
+            pending = self._pending(conn, customer_id, feature, time.time())
+        return _with_current(found[0], found[0].current + pending)
+
+    def begin_idempotent(self, record: str, fingerprint: str, lease: float) -> IdempotencyState:
+        """Claim ``record`` for this request, or say why not."""
+        now = time.time()
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT fingerprint, state, response FROM cm_quota_idempotency "
+                "WHERE record = ? AND expires > ?",
+                (record, now),
+            ).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO cm_quota_idempotency "
+                    "(record, fingerprint, state, response, expires) VALUES (?, ?, 'running', "
+                    "NULL, ?)",
+                    (record, fingerprint, now + lease),
+                )
+                conn.execute("DELETE FROM cm_quota_idempotency WHERE expires <= ?", (now,))
+                return IdempotencyState("new")
+        if row[0] != fingerprint:
+            return IdempotencyState("reused")
+        if row[1] == "running":
+            return IdempotencyState("running")
+        return IdempotencyState("done", None if row[2] is None else bytes(row[2]))
+
+    def finish_idempotent(
+        self, record: str, fingerprint: str, response: bytes | None, ttl: float
+    ) -> None:
+        """Keep the succeeded request's record for ``ttl`` seconds."""
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO cm_quota_idempotency "
+                "(record, fingerprint, state, response, expires) VALUES (?, ?, 'done', ?, ?)",
+                (record, fingerprint, response, time.time() + ttl),
+            )
+
+    def abandon_idempotent(self, record: str, fingerprint: str) -> None:
+        """Forget the failed request's record."""
+        with self._tx() as conn:
+            conn.execute(
+                "DELETE FROM cm_quota_idempotency "
+                "WHERE record = ? AND fingerprint = ? AND state = 'running'",
+                (record, fingerprint),
+            )
+
+    def close(self) -> None:
+        """Close this process's connection."""
+        with self._lock:
+            self._drop()
+
+
+def _with_current(allowance: QuotaAllowance, current: Number) -> QuotaAllowance:
+    from ._decide import with_balance
+
+    return with_balance(allowance, max(current, 0))
