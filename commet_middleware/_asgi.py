@@ -241,6 +241,9 @@ class CommetMiddleware(MiddlewareSetup):
     settings as keywords (``api_key``, ``base_url``, ``transport``, ``dialect``,
     ``api_version``, ``timeout``, ``spool_path``, ``dead_letter``; the rest of the settings via
     ``settings=``; defaults from the environment), or ``sink=`` to collect operations yourself.
+    ``quota_store`` (default ``COMMET_QUOTA_STORE``, else ``"memory"``) says where the quota
+    guards keep their state: ``"memory"`` for one process, ``"sqlite:///PATH"`` for every
+    worker of one host, ``"redis://HOST:PORT/DB"`` for several hosts.
     """
 
     def __init__(
@@ -264,6 +267,7 @@ class CommetMiddleware(MiddlewareSetup):
         spool_path: str | None = None,
         dead_letter: DeadLetterHook | None = None,
         quota_gate: QuotaGate | None = None,
+        quota_store: str | None = None,
     ) -> None:
         self.app = app
         self._set_up(
@@ -286,6 +290,7 @@ class CommetMiddleware(MiddlewareSetup):
                     "timeout": timeout,
                     "spool_path": spool_path,
                     "dead_letter": dead_letter,
+                    "quota_store": quota_store,
                 },
             ),
             sink=sink,

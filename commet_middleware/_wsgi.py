@@ -79,6 +79,7 @@ class CommetWSGIMiddleware(MiddlewareSetup):
         spool_path: str | None = None,
         dead_letter: DeadLetterHook | None = None,
         quota_gate: QuotaGate | None = None,
+        quota_store: str | None = None,
     ) -> None:
         self.app = app
         self._set_up(
@@ -101,6 +102,7 @@ class CommetWSGIMiddleware(MiddlewareSetup):
                     "timeout": timeout,
                     "spool_path": spool_path,
                     "dead_letter": dead_letter,
+                    "quota_store": quota_store,
                 },
             ),
             sink=sink,

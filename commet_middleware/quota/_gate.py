@@ -55,6 +55,7 @@ from ._store import (
     StoreOutcome,
     open_store,
 )
+from ._workers import warn_if_per_process
 
 __all__ = [
     "COMMET_REFUSAL_CODES",
@@ -213,6 +214,7 @@ class QuotaGate:
         # Feature codes already validated: a guard checks the same few on every request.
         self._checked_features: set[str] = set()
         # Loud lines said once, not per request.
+        self._workers_checked = quota_store.shared
         self._key_rejection_told = False
         self._store_error_told_at = -1e9
 
@@ -372,7 +374,7 @@ class QuotaGate:
         def read() -> QuotaAllowance:
             deadline = time.monotonic() + self._read_lease() + 0.5
             while True:
-                if store.claim_read(customer, feature, self._read_lease()):
+                if store.claim_read(customer, feature, self._read_lease(), self.ttl):
                     return self._read_and_save(customer, feature, ask_commet)
                 # Another process is reading: its answer, saved in the store, is ours too.
                 if store.fresh(customer, feature, self.ttl):
@@ -393,14 +395,14 @@ class QuotaGate:
         async def read() -> QuotaAllowance:
             deadline = time.monotonic() + self._read_lease() + 0.5
             while True:
-                if store.claim_read(customer, feature, self._read_lease()):
+                if store.claim_read(customer, feature, self._read_lease(), self.ttl):
                     try:
                         allowance = await ask_commet()
                     except BaseException:
                         self._end_read(customer, feature)
                         raise
                     store.save_allowance(customer, feature, allowance)
-                    return allowance
+                    return store.last_known(customer, feature) or allowance
                 if store.fresh(customer, feature, self.ttl):
                     known = store.last_known(customer, feature)
                     if known is not None:
@@ -420,7 +422,8 @@ class QuotaGate:
             self._end_read(customer, feature)
             raise
         self.quota_store.save_allowance(customer, feature, allowance)
-        return allowance
+        # What the store kept (our unconfirmed changes stay counted), not the bare answer.
+        return self.quota_store.last_known(customer, feature) or allowance
 
     def _end_read(self, customer: str, feature: str) -> None:
         # On a failure the claim's lease ends it anyway.
@@ -541,6 +544,11 @@ class QuotaGate:
         self, customer_id: str | None, feature: str, count: int, on_unavailable: str
     ) -> str | QuotaDecision:
         # Programming errors raise; everything about the customer becomes a decision.
+        if not self._workers_checked:
+            # At the first guarded request rather than at import: an app that never guards
+            # anything needs no shared store, and gets no warning.
+            self._workers_checked = True
+            warn_if_per_process(self.quota_store.url)
         if feature not in self._checked_features:
             self._checked_features.add(validate_feature_code(feature))
         validate_quota_count(count)

@@ -19,6 +19,7 @@ _STATUS = {
     "customer_required": 401,
     "feature_not_found": 500,
     "quota_unavailable": 503,
+    "commet_key_rejected": 503,
 }
 
 _MESSAGES = {
@@ -30,6 +31,8 @@ _MESSAGES = {
     "customer_required": "Sign in to use {feature!r}: no customer was identified.",
     "feature_not_found": "{feature!r} is not configured for billing.",
     "quota_unavailable": "The {feature!r} quota cannot be checked right now; try again shortly.",
+    "commet_key_rejected": "The {feature!r} quota cannot be checked: the service's billing "
+    "configuration is being fixed.",
 }
 
 
@@ -44,7 +47,11 @@ def status_for(decision: QuotaDecision) -> int:
     - 401 ``customer_required``: no customer was identified (an anonymous caller).
     - 500 ``feature_not_found``: the endpoint names a feature Commet does not know, a server
       configuration error, not the client's.
-    - 503 ``quota_unavailable``: Commet could not be asked and the policy is ``"closed"``.
+    - 503 ``quota_unavailable``: Commet (or the quota store) could not be asked and the policy
+      is ``"closed"``.
+    - 503 ``commet_key_rejected``: Commet refused our API key (401/403) on the quota read: a
+      server configuration error, whatever the ``on_unavailable`` policy (allowing would do
+      work whose quota adds Commet refuses too).
     """
     if decision.allowed:
         return 200

@@ -155,6 +155,17 @@ return 0
 """
 )
 
+# KEYS: a r. ARGV: lease_ms ttl_ms. The read claim, refused while the allowance is fresh.
+_CLAIM = (
+    _PRELUDE
+    + """
+local at = redis.call('HGET', KEYS[1], 'at')
+if at and now - tonumber(at) < tonumber(ARGV[2]) then return 0 end
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return 1 end
+return 0
+"""
+)
+
 # KEYS: h. Returns the units held (leases not expired).
 _HELD = (
     _PRELUDE
@@ -239,6 +250,7 @@ class RedisQuotaStore:
             for name, source in (
                 ("reserve", _RESERVE),
                 ("save", _SAVE),
+                ("claim", _CLAIM),
                 ("commit", _COMMIT),
                 ("confirm", _CONFIRM),
                 ("held", _HELD),
@@ -320,12 +332,11 @@ class RedisQuotaStore:
         refused: Literal["refused"] = "refused"
         return StoreOutcome(refused, allowance, left, held, enforced)
 
-    def claim_read(self, customer_id: str, feature: str, lease: float) -> bool:
-        """Take the read claim (``SET NX PX``)."""
-        key = self._keys(customer_id, feature)[3]
-        return bool(
-            self._call("claim", self._client.set, key, "1", nx=True, px=max(int(lease * 1000), 1))
-        )
+    def claim_read(self, customer_id: str, feature: str, lease: float, ttl: float) -> bool:
+        """Take the read claim unless another process holds one, or a fresh allowance is in."""
+        a, _, _, r = self._keys(customer_id, feature)
+        answer = self._run("claim", [a, r], [max(int(lease * 1000), 1), int(ttl * 1000)])
+        return bool(answer)
 
     def end_read(self, customer_id: str, feature: str) -> None:
         """Give the read claim back."""

@@ -228,8 +228,8 @@ class SQLiteQuotaStore:
         )
         return reservation
 
-    def claim_read(self, customer_id: str, feature: str, lease: float) -> bool:
-        """Take the read claim unless another process holds one that has not expired."""
+    def claim_read(self, customer_id: str, feature: str, lease: float, ttl: float) -> bool:
+        """Take the read claim unless another process holds one, or a fresh allowance is in."""
         now = time.time()
         with self._tx() as conn:
             conn.execute(
@@ -238,8 +238,8 @@ class SQLiteQuotaStore:
             )
             taken = conn.execute(
                 "UPDATE cm_quota_allowance SET read_until = ? "
-                "WHERE customer = ? AND feature = ? AND read_until <= ?",
-                (now + lease, customer_id, feature, now),
+                "WHERE customer = ? AND feature = ? AND read_until <= ? AND fetched_at <= ?",
+                (now + lease, customer_id, feature, now, now - ttl),
             ).rowcount
         return taken == 1
 

@@ -23,7 +23,7 @@ from commet_middleware._results import QuotaAllowance
 from commet_middleware._settings import describe_store_url, validate_store_url
 
 from ._cache import AllowanceCache
-from ._decide import Number, decide, left_of
+from ._decide import Number, decide, left_of, with_balance
 from ._reservations import InMemoryReservationStore, Reservation
 
 if TYPE_CHECKING:
@@ -113,8 +113,9 @@ class QuotaStore(Protocol):
         """
         ...
 
-    def claim_read(self, customer_id: str, feature: str, lease: float) -> bool:
-        """Return True if this caller is the one to read Commet now (for ``lease`` seconds)."""
+    def claim_read(self, customer_id: str, feature: str, lease: float, ttl: float) -> bool:
+        """Return True if this caller is the one to read Commet now (for ``lease`` seconds):
+        nobody else holds the claim and no allowance younger than ``ttl`` is stored."""
         ...
 
     def end_read(self, customer_id: str, feature: str) -> None:
@@ -276,7 +277,7 @@ class MemoryQuotaStore:
         kind: Literal["allowed", "refused"] = "allowed" if reservation is not None else "refused"
         return StoreOutcome(kind, allowance, left, held, verdict.enforced, reservation)
 
-    def claim_read(self, customer_id: str, feature: str, lease: float) -> bool:
+    def claim_read(self, customer_id: str, feature: str, lease: float, ttl: float) -> bool:
         """Always True: the gate's own single-flight is the only coordination one process needs."""
         return True
 
@@ -292,8 +293,13 @@ class MemoryQuotaStore:
         return self.cache.fresh(customer_id, feature) is not None
 
     def save_allowance(self, customer_id: str, feature: str, allowance: QuotaAllowance) -> None:
-        """Cache what Commet just answered."""
-        self.cache.put(customer_id, feature, allowance)
+        """Cache what Commet just answered; while changes of ours are unconfirmed, with our
+        own balance (the answer may predate them)."""
+        with self._lock:
+            known = self.cache.last_known(customer_id, feature)
+            if known is not None and (customer_id, feature) in self._outstanding:
+                allowance = with_balance(allowance, known.current)
+            self.cache.put(customer_id, feature, allowance)
 
     def commit(self, reservation: Reservation, change_key: str, pending_ttl: float) -> bool:
         """Settle the reservation as used and move the cached balance by its count."""
