@@ -367,6 +367,7 @@ def soak(
             if request.status is None or request.status >= 429
         )
     result = box["result"]
+
     def key_of(key: str) -> str:
         customer = f"cust_{int(key.rsplit('-', 1)[1]) % customers}"
         return event_key(key, result.sent[key], customer)
