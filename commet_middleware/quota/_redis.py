@@ -8,9 +8,10 @@ by default); a slow or unreachable server raises ``QuotaStoreError`` and the gua
 ``on_unavailable`` policy decides.
 
 Keys, per customer and feature (``{...}`` is a cluster hash tag, so one script's keys share a
-slot): ``commet:quota:{c\\x1ff}:a`` the allowance (hash), ``:h`` held units (hash id ->
-"count expires_ms"), ``:p`` unconfirmed changes (hash key -> "delta expires_ms"), ``:r`` the
-read claim; ``commet:idem:RECORD`` an idempotency record.
+slot): ``commet:quota:{c\\x1ff}:a`` the allowance and the running sums (hash), ``:h`` held
+units (hash id -> count) with ``:hx`` their lease ends (sorted set), ``:p`` unconfirmed
+changes (hash key -> delta) with ``:px`` their ends, ``:r`` the read claim;
+``commet:idem:RECORD`` an idempotency record.
 """
 
 from __future__ import annotations
@@ -36,55 +37,76 @@ __all__ = ["RedisQuotaStore"]
 # Keys expire this long after their last write: an idle customer's state does not stay forever.
 _KEY_TTL_MS = 7 * 24 * 3600 * 1000
 
-# Shared by the scripts: the time now (ms), and the live sum of a "value expires" hash, with
-# entries expired longer than a grace swept (expired holds stay committable for a while).
+# Every script gets the same keys, KEYS[1..6] = a h hx p px r (see the module docstring), and
+# starts here: the server's time (ms), then expired holds and unconfirmed changes are swept out
+# of the running sums kept in the allowance hash (held, pend, npend), so no script ever reads a
+# whole hash: each costs O(log n) in what is stored, however far delivery lags behind.
 _PRELUDE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function live_sum(key, grace)
-  local total, n = 0, 0
-  local all = redis.call('HGETALL', key)
-  for i = 1, #all, 2 do
-    local v, e = string.match(all[i + 1], '^(%S+) (%S+)$')
-    e = tonumber(e)
-    if e > now then
-      total = total + tonumber(v)
-      n = n + 1
-    elseif e < now - grace then
-      redis.call('HDEL', key, all[i])
-    end
-  end
-  return total, n
-end
+local A, H, HX, P, PX, R = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local function num(x)
   if x == math.floor(x) and math.abs(x) < 1e15 then return string.format('%d', x) end
   return string.format('%.17g', x)
 end
+local function field(name)
+  return tonumber(redis.call('HGET', A, name) or '0') or 0
+end
+local function drop(hash, zset, id, sum, counter)
+  local v = redis.call('HGET', hash, id)
+  redis.call('ZREM', zset, id)
+  if not v then return nil end
+  redis.call('HDEL', hash, id)
+  redis.call('HSET', A, sum, num(field(sum) - tonumber(v)))
+  if counter then redis.call('HSET', A, counter, num(field(counter) - 1)) end
+  return tonumber(v)
+end
+local function sweep()
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', HX, '-inf', now)) do
+    drop(H, HX, id, 'held', nil)
+  end
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', PX, '-inf', now)) do
+    drop(P, PX, id, 'pend', 'npend')
+  end
+  if field('npend') <= 0 then redis.call('HDEL', A, 'ovl') end
+end
+local function touch()
+  for _, key in ipairs({A, H, HX, P, PX}) do redis.call('PEXPIRE', key, ARGV[1]) end
+end
+local function add_pending(key, delta, ttl_ms)
+  if redis.call('HEXISTS', P, key) == 1 then return end
+  redis.call('HSET', P, key, num(delta))
+  redis.call('ZADD', PX, now + ttl_ms, key)
+  redis.call('HSET', A, 'pend', num(field('pend') + delta), 'npend', num(field('npend') + 1))
+  if field('npend') > 1 then redis.call('HSET', A, 'ovl', '1') end
+end
+sweep()
 """
 
-# KEYS: a h p. ARGV: mode count hard_limit ttl_ms id lease_ms key_ttl_ms.
+# ARGV: key_ttl mode count hard_limit ttl_ms id lease_ms.
 _RESERVE = (
     _PRELUDE
     + """
-local mode, count = ARGV[1], tonumber(ARGV[2])
-local held = live_sum(KEYS[2], 600000)
-local pending = live_sum(KEYS[3], 0)
+local mode, count = ARGV[2], tonumber(ARGV[3])
+local held = field('held')
 local function hold()
-  redis.call('HSET', KEYS[2], ARGV[5], ARGV[2] .. ' ' .. (now + tonumber(ARGV[6])))
-  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  redis.call('HSET', H, ARGV[6], ARGV[3])
+  redis.call('ZADD', HX, now + tonumber(ARGV[7]), ARGV[6])
   held = held + count
+  redis.call('HSET', A, 'held', num(held))
+  touch()
 end
 if mode == 'blind' then
   hold()
   return {'allowed', num(held)}
 end
-local a = redis.call('HMGET', KEYS[1], 'cur', 'inc', 'unl', 'ovr', 'at', 'bill', 'asof')
+local a = redis.call('HMGET', A, 'cur', 'inc', 'unl', 'ovr', 'at', 'bill', 'asof')
 if not a[2] then return {'miss'} end
-if mode == 'fresh' and now - tonumber(a[5]) >= tonumber(ARGV[4]) then return {'miss'} end
-local cur = math.max(tonumber(a[1]) + pending, 0)
+if mode == 'fresh' and now - tonumber(a[5]) >= tonumber(ARGV[5]) then return {'miss'} end
+local cur = math.max(tonumber(a[1]) + field('pend'), 0)
 local inc = tonumber(a[2])
 local unl = a[3] == '1'
-local enforced = (not unl) and (ARGV[3] == '1' or a[4] ~= '1')
+local enforced = (not unl) and (ARGV[4] == '1' or a[4] ~= '1')
 local left = ''
 local allowed = not enforced
 if not unl then
@@ -98,92 +120,96 @@ return {allowed and 'allowed' or 'refused', num(held), num(cur), a[2], a[3], a[4
 """
 )
 
-# KEYS: a p. ARGV: cur inc bill unl ovr asof key_ttl_ms. Also ends the read claim (KEYS[3]).
+# ARGV: key_ttl cur inc bill unl ovr asof. Also ends the read claim. While changes of ours are
+# unconfirmed, the answer may predate some of them: the higher balance is kept.
 _SAVE = (
     _PRELUDE
     + """
-local _, unconfirmed = live_sum(KEYS[2], 0)
-local known = redis.call('HEXISTS', KEYS[1], 'inc') == 1
-if unconfirmed == 0 or not known then redis.call('HSET', KEYS[1], 'cur', ARGV[1]) end
-redis.call('HSET', KEYS[1], 'inc', ARGV[2], 'bill', ARGV[3], 'unl', ARGV[4], 'ovr', ARGV[5],
-           'asof', ARGV[6], 'at', now)
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
-redis.call('DEL', KEYS[3])
+local known = redis.call('HEXISTS', A, 'inc') == 1
+local cur = tonumber(ARGV[2])
+if field('npend') > 0 and known then cur = math.max(cur, field('cur')) end
+redis.call('HSET', A, 'cur', num(cur), 'inc', ARGV[3], 'bill', ARGV[4], 'unl', ARGV[5],
+           'ovr', ARGV[6], 'asof', ARGV[7], 'at', now)
+touch()
+redis.call('DEL', R)
 return 1
 """
 )
 
-# KEYS: h p a. ARGV: id change_key pending_ttl_ms delta key_ttl_ms (id '' for a removal).
+# ARGV: key_ttl lease_ms ttl_ms. The read claim, refused while the allowance is fresh.
+_CLAIM = (
+    _PRELUDE
+    + """
+local at = redis.call('HGET', A, 'at')
+if at and now - tonumber(at) < tonumber(ARGV[3]) then return 0 end
+if redis.call('SET', R, '1', 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+)
+
+# ARGV: key_ttl id change_key pending_ttl_ms. A hold becomes an unconfirmed change.
 _COMMIT = (
     _PRELUDE
     + """
-local delta = ARGV[4]
-if ARGV[1] ~= '' then
-  local v = redis.call('HGET', KEYS[1], ARGV[1])
-  if not v then return 0 end
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  delta = string.match(v, '^(%S+) ')
-end
-redis.call('HSET', KEYS[2], ARGV[2], delta .. ' ' .. (now + tonumber(ARGV[3])))
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-local _, n = live_sum(KEYS[2], 0)
-if n > 1 then redis.call('HSET', KEYS[3], 'ovl', '1') end
+local count = drop(H, HX, ARGV[2], 'held', nil)
+if not count then return 0 end
+add_pending(ARGV[3], count, tonumber(ARGV[4]))
+touch()
 return 1
 """
 )
 
-# KEYS: a p. ARGV: change_key new_balance ('' when unknown).
-_CONFIRM = (
+# ARGV: key_ttl id. Returns 1 if the hold was there.
+_RELEASE = (
     _PRELUDE
     + """
-local v = redis.call('HGET', KEYS[2], ARGV[1])
-if not v then return 0 end
-redis.call('HDEL', KEYS[2], ARGV[1])
-local delta = tonumber(string.match(v, '^(%S+) '))
-local _, left = live_sum(KEYS[2], 0)
-if redis.call('HEXISTS', KEYS[1], 'inc') == 0 then return 0 end
-local exact = left == 0 and redis.call('HGET', KEYS[1], 'ovl') ~= '1' and ARGV[2] ~= ''
-if exact then
-  redis.call('HSET', KEYS[1], 'cur', ARGV[2])
-else
-  local cur = math.max(tonumber(redis.call('HGET', KEYS[1], 'cur')) + delta, 0)
-  redis.call('HSET', KEYS[1], 'cur', num(cur))
+if drop(H, HX, ARGV[2], 'held', nil) then return 1 end
+return 0
+"""
+)
+
+# ARGV: key_ttl change_key delta pending_ttl_ms. A change of ours (a removal) not yet confirmed.
+_ADD_PENDING = (
+    _PRELUDE
+    + """
+add_pending(ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+touch()
+return 1
+"""
+)
+
+# ARGV: key_ttl change_key new_balance ('' when unknown) forget ('1': never applied).
+_SETTLE = (
+    _PRELUDE
+    + """
+local delta = drop(P, PX, ARGV[2], 'pend', 'npend')
+local left = field('npend')
+local exact = false
+if ARGV[4] == '1' then
+  redis.call('HSET', A, 'at', '0')
+elseif delta and redis.call('HEXISTS', A, 'inc') == 1 then
+  exact = left <= 0 and redis.call('HGET', A, 'ovl') ~= '1' and ARGV[3] ~= ''
+  if exact then
+    redis.call('HSET', A, 'cur', ARGV[3])
+  else
+    redis.call('HSET', A, 'cur', num(math.max(field('cur') + delta, 0)))
+  end
 end
-if left == 0 then redis.call('HDEL', KEYS[1], 'ovl') end
+if left <= 0 then redis.call('HDEL', A, 'ovl') end
 if exact then return 1 end
 return 0
 """
 )
 
-# KEYS: a r. ARGV: lease_ms ttl_ms. The read claim, refused while the allowance is fresh.
-_CLAIM = (
+# ARGV: key_ttl. The allowance with our unconfirmed changes applied, its age, the units held.
+_STATE = (
     _PRELUDE
     + """
-local at = redis.call('HGET', KEYS[1], 'at')
-if at and now - tonumber(at) < tonumber(ARGV[2]) then return 0 end
-if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return 1 end
-return 0
-"""
-)
-
-# KEYS: h. Returns the units held (leases not expired).
-_HELD = (
-    _PRELUDE
-    + """
-local held = live_sum(KEYS[1], 600000)
-return num(held)
-"""
-)
-
-# KEYS: a p. Returns the allowance fields and the unconfirmed sum.
-_LAST_KNOWN = (
-    _PRELUDE
-    + """
-local a = redis.call('HMGET', KEYS[1], 'cur', 'inc', 'unl', 'ovr', 'bill', 'asof', 'at')
-if not a[2] then return {} end
-local pending = live_sum(KEYS[2], 0)
-return {num(math.max(tonumber(a[1]) + pending, 0)), a[2], a[3], a[4], a[5] or '0', a[6] or '',
-        tostring(now - tonumber(a[7]))}
+local a = redis.call('HMGET', A, 'cur', 'inc', 'unl', 'ovr', 'bill', 'asof', 'at')
+local held = num(field('held'))
+if not a[2] then return {held} end
+return {held, num(math.max(tonumber(a[1]) + field('pend'), 0)), a[2], a[3], a[4], a[5] or '0',
+        a[6] or '', tostring(now - tonumber(a[7]))}
 """
 )
 
@@ -252,9 +278,10 @@ class RedisQuotaStore:
                 ("save", _SAVE),
                 ("claim", _CLAIM),
                 ("commit", _COMMIT),
-                ("confirm", _CONFIRM),
-                ("held", _HELD),
-                ("last_known", _LAST_KNOWN),
+                ("release", _RELEASE),
+                ("add_pending", _ADD_PENDING),
+                ("settle", _SETTLE),
+                ("state", _STATE),
                 ("begin_idempotent", _BEGIN_IDEMPOTENT),
                 ("abandon_idempotent", _ABANDON_IDEMPOTENT),
             )
@@ -269,13 +296,10 @@ class RedisQuotaStore:
         except self._errors as exc:
             raise QuotaStoreError(f"the Redis quota store {self.url} ({what}): {exc}") from exc
 
-    def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        return self._call(script, self._scripts[script], keys=keys, args=args)
-
-    @staticmethod
-    def _keys(customer_id: str, feature: str) -> tuple[str, str, str, str]:
+    def _run(self, script: str, customer_id: str, feature: str, *args: Any) -> Any:
         base = "commet:quota:{" + customer_id + "\x1f" + feature + "}"
-        return base + ":a", base + ":h", base + ":p", base + ":r"
+        keys = [base + suffix for suffix in (":a", ":h", ":hx", ":p", ":px", ":r")]
+        return self._call(script, self._scripts[script], keys=keys, args=[_KEY_TTL_MS, *args])
 
     def reserve(
         self,
@@ -289,20 +313,17 @@ class RedisQuotaStore:
         lease: float,
     ) -> StoreOutcome:
         """Decide and hold on the server, in one script."""
-        a, h, p, _ = self._keys(customer_id, feature)
         reservation = Reservation(customer_id, feature, count)
         answer = self._run(
             "reserve",
-            [a, h, p],
-            [
-                mode,
-                count,
-                "1" if hard_limit else "0",
-                int(ttl * 1000),
-                reservation.id,
-                max(int(lease * 1000), 1),
-                _KEY_TTL_MS,
-            ],
+            customer_id,
+            feature,
+            mode,
+            count,
+            "1" if hard_limit else "0",
+            int(ttl * 1000),
+            reservation.id,
+            max(int(lease * 1000), 1),
         )
         kind = _text(answer[0])
         if kind == "miss":
@@ -311,7 +332,6 @@ class RedisQuotaStore:
         if mode == "blind":
             return StoreOutcome("allowed", None, None, held, False, reservation)
         current = _number(answer[2])
-        unlimited = _text(answer[4]) == "1"
         allowance = with_balance(
             QuotaAllowance(
                 feature,
@@ -319,7 +339,7 @@ class RedisQuotaStore:
                 _number(answer[3]),
                 None,
                 _number(answer[8]),
-                unlimited,
+                _text(answer[4]) == "1",
                 _text(answer[5]) == "1",
                 _text(answer[9]) or None,
             ),
@@ -334,111 +354,107 @@ class RedisQuotaStore:
 
     def claim_read(self, customer_id: str, feature: str, lease: float, ttl: float) -> bool:
         """Take the read claim unless another process holds one, or a fresh allowance is in."""
-        a, _, _, r = self._keys(customer_id, feature)
-        answer = self._run("claim", [a, r], [max(int(lease * 1000), 1), int(ttl * 1000)])
+        answer = self._run(
+            "claim", customer_id, feature, max(int(lease * 1000), 1), int(ttl * 1000)
+        )
         return bool(answer)
 
     def end_read(self, customer_id: str, feature: str) -> None:
         """Give the read claim back."""
-        self._call("end_read", self._client.delete, self._keys(customer_id, feature)[3])
+        key = "commet:quota:{" + customer_id + "\x1f" + feature + "}:r"
+        self._call("end_read", self._client.delete, key)
 
     def reading(self, customer_id: str, feature: str) -> bool:
         """Return True while a read claim is held."""
-        return bool(self._call("reading", self._client.exists, self._keys(customer_id, feature)[3]))
+        key = "commet:quota:{" + customer_id + "\x1f" + feature + "}:r"
+        return bool(self._call("reading", self._client.exists, key))
+
+    def _state(self, customer_id: str, feature: str) -> list[Any]:
+        return list(self._run("state", customer_id, feature))
 
     def fresh(self, customer_id: str, feature: str, ttl: float) -> bool:
         """Return True when the stored allowance is younger than ``ttl``."""
-        a, _, p, _ = self._keys(customer_id, feature)
-        answer = self._run("last_known", [a, p], [])
-        return bool(answer) and int(_number(answer[6])) < ttl * 1000
+        answer = self._state(customer_id, feature)
+        return len(answer) > 1 and int(_number(answer[7])) < ttl * 1000
 
     def save_allowance(self, customer_id: str, feature: str, allowance: QuotaAllowance) -> None:
         """Store Commet's answer and end the read claim."""
-        a, _, p, r = self._keys(customer_id, feature)
         self._run(
             "save",
-            [a, p, r],
-            [
-                repr(allowance.current),
-                repr(allowance.included),
-                repr(allowance.billed_quantity),
-                "1" if allowance.unlimited else "0",
-                "1" if allowance.overage_enabled else "0",
-                allowance.as_of or "",
-                _KEY_TTL_MS,
-            ],
+            customer_id,
+            feature,
+            repr(allowance.current),
+            repr(allowance.included),
+            repr(allowance.billed_quantity),
+            "1" if allowance.unlimited else "0",
+            "1" if allowance.overage_enabled else "0",
+            allowance.as_of or "",
         )
 
     def commit(self, reservation: Reservation, change_key: str, pending_ttl: float) -> bool:
         """Turn the held units into an unconfirmed change, on the server."""
-        a, h, p, _ = self._keys(reservation.customer_id, reservation.feature)
         done = self._run(
             "commit",
-            [h, p, a],
-            [reservation.id, change_key, int(pending_ttl * 1000), "0", _KEY_TTL_MS],
+            reservation.customer_id,
+            reservation.feature,
+            reservation.id,
+            change_key,
+            int(pending_ttl * 1000),
         )
         return bool(done)
 
     def release(self, reservation: Reservation) -> bool:
         """Give the held units back."""
-        h = self._keys(reservation.customer_id, reservation.feature)[1]
-        return bool(self._call("release", self._client.hdel, h, reservation.id))
+        return bool(
+            self._run("release", reservation.customer_id, reservation.feature, reservation.id)
+        )
 
     def add_pending(
         self, customer_id: str, feature: str, change_key: str, delta: int, pending_ttl: float
     ) -> None:
         """Count a change of ours as unconfirmed."""
-        a, h, p, _ = self._keys(customer_id, feature)
-        self._run(
-            "commit", [h, p, a], ["", change_key, int(pending_ttl * 1000), delta, _KEY_TTL_MS]
-        )
+        self._run("add_pending", customer_id, feature, change_key, delta, int(pending_ttl * 1000))
 
     def confirm(
         self, customer_id: str, feature: str, change_key: str, new_balance: Number | None
     ) -> bool:
         """Fold a confirmed change into the stored balance."""
-        a, _, p, _ = self._keys(customer_id, feature)
         balance = "" if new_balance is None else repr(new_balance)
-        return bool(self._run("confirm", [a, p], [change_key, balance]))
+        return bool(self._run("settle", customer_id, feature, change_key, balance, "0"))
 
     def forget(self, customer_id: str, feature: str, change_key: str) -> None:
         """Drop the change and make the next check read Commet."""
-        a, _, p, _ = self._keys(customer_id, feature)
-        pipe = self._client.pipeline(transaction=True)
-        pipe.hdel(p, change_key)
-        pipe.hset(a, "at", 0)
-        self._call("forget", pipe.execute)
+        self._run("settle", customer_id, feature, change_key, "", "1")
 
     def in_flight(self, customer_id: str, feature: str) -> int:
         """Return the units held (leases not expired)."""
-        h = self._keys(customer_id, feature)[1]
-        return int(_number(self._run("held", [h], [])))
+        return int(_number(self._state(customer_id, feature)[0]))
 
     def last_known(self, customer_id: str, feature: str) -> QuotaAllowance | None:
         """Return the stored allowance with our unconfirmed changes applied."""
-        a, _, p, _ = self._keys(customer_id, feature)
-        answer = self._run("last_known", [a, p], [])
-        if not answer:
+        answer = self._state(customer_id, feature)
+        if len(answer) < 2:
             return None
-        current = _number(answer[0])
+        current = _number(answer[1])
         base = QuotaAllowance(
             feature,
             current,
-            _number(answer[1]),
+            _number(answer[2]),
             None,
-            _number(answer[4]),
-            _text(answer[2]) == "1",
+            _number(answer[5]),
             _text(answer[3]) == "1",
-            _text(answer[5]) or None,
+            _text(answer[4]) == "1",
+            _text(answer[6]) or None,
         )
         return with_balance(base, current)
 
     def begin_idempotent(self, record: str, fingerprint: str, lease: float) -> IdempotencyState:
         """Claim ``record`` for this request, or say why not."""
-        answer = self._run(
+        answer = self._call(
             "begin_idempotent",
-            ["commet:idem:" + record],
-            [fingerprint, max(int(lease * 1000), 1)],
+            self._scripts["begin_idempotent"],
+            keys=["commet:idem:" + record],
+            args=[fingerprint, max(int(lease * 1000), 1)],
         )
         state = _text(answer[0])
         if state == "done":
@@ -465,7 +481,12 @@ class RedisQuotaStore:
 
     def abandon_idempotent(self, record: str, fingerprint: str) -> None:
         """Forget the failed request's record."""
-        self._run("abandon_idempotent", ["commet:idem:" + record], [fingerprint])
+        self._call(
+            "abandon_idempotent",
+            self._scripts["abandon_idempotent"],
+            keys=["commet:idem:" + record],
+            args=[fingerprint],
+        )
 
     def close(self) -> None:
         """Close the connection pool."""

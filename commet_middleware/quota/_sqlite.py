@@ -31,27 +31,25 @@ CREATE TABLE IF NOT EXISTS cm_quota_allowance (
     current NUMERIC, included NUMERIC, billed NUMERIC, unlimited INTEGER, overage INTEGER,
     as_of TEXT, fetched_at REAL NOT NULL DEFAULT 0, overlapped INTEGER NOT NULL DEFAULT 0,
     read_until REAL NOT NULL DEFAULT 0,
+    held NUMERIC NOT NULL DEFAULT 0, pending NUMERIC NOT NULL DEFAULT 0,
+    unconfirmed INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (customer, feature)
 );
 CREATE TABLE IF NOT EXISTS cm_quota_hold (
     id TEXT PRIMARY KEY, customer TEXT NOT NULL, feature TEXT NOT NULL,
     count INTEGER NOT NULL, expires REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS cm_quota_hold_key ON cm_quota_hold (customer, feature);
+CREATE INDEX IF NOT EXISTS cm_quota_hold_key ON cm_quota_hold (customer, feature, expires);
 CREATE TABLE IF NOT EXISTS cm_quota_pending (
     key TEXT PRIMARY KEY, customer TEXT NOT NULL, feature TEXT NOT NULL,
     delta NUMERIC NOT NULL, expires REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS cm_quota_pending_key ON cm_quota_pending (customer, feature);
+CREATE INDEX IF NOT EXISTS cm_quota_pending_key ON cm_quota_pending (customer, feature, expires);
 CREATE TABLE IF NOT EXISTS cm_quota_idempotency (
     record TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, state TEXT NOT NULL,
     response BLOB, expires REAL NOT NULL
 );
 """
-
-# Expired holds are kept this long after their lease (not counted), so a slow request that
-# outlived its lease can still commit what it did; then they are swept.
-_HOLD_GRACE = 600.0
 
 
 class SQLiteQuotaStore:
@@ -136,42 +134,68 @@ class SQLiteQuotaStore:
             with suppress(sqlite3.Error):
                 conn.close()
 
-    # reads of the state of one key (inside a transaction)
+    # the state of one key, inside a transaction. The allowance row keeps running sums of the
+    # units held and of our unconfirmed changes, so a decision reads one row, however far
+    # delivery lags; expired entries leave the sums first (found through an index on expiry).
 
     @staticmethod
-    def _held(conn: sqlite3.Connection, customer: str, feature: str, now: float) -> int:
-        row = conn.execute(
-            "SELECT COALESCE(SUM(count), 0) FROM cm_quota_hold "
-            "WHERE customer = ? AND feature = ? AND expires > ?",
+    def _sweep(conn: sqlite3.Connection, customer: str, feature: str, now: float) -> None:
+        conn.execute(
+            "INSERT OR IGNORE INTO cm_quota_allowance (customer, feature) VALUES (?, ?)",
+            (customer, feature),
+        )
+        held = conn.execute(
+            "SELECT COALESCE(SUM(count), 0), COUNT(*) FROM cm_quota_hold "
+            "WHERE customer = ? AND feature = ? AND expires <= ?",
             (customer, feature, now),
         ).fetchone()
-        return int(row[0])
-
-    @staticmethod
-    def _pending(conn: sqlite3.Connection, customer: str, feature: str, now: float) -> Number:
-        row = conn.execute(
+        if held[1]:
+            conn.execute(
+                "DELETE FROM cm_quota_hold WHERE customer = ? AND feature = ? AND expires <= ?",
+                (customer, feature, now),
+            )
+            conn.execute(
+                "UPDATE cm_quota_allowance SET held = held - ? WHERE customer = ? AND feature = ?",
+                (held[0], customer, feature),
+            )
+        pending = conn.execute(
             "SELECT COALESCE(SUM(delta), 0), COUNT(*) FROM cm_quota_pending "
-            "WHERE customer = ? AND feature = ? AND expires > ?",
+            "WHERE customer = ? AND feature = ? AND expires <= ?",
             (customer, feature, now),
         ).fetchone()
-        return row[0]  # type: ignore[no-any-return]
+        if pending[1]:
+            conn.execute(
+                "DELETE FROM cm_quota_pending WHERE customer = ? AND feature = ? AND expires <= ?",
+                (customer, feature, now),
+            )
+            conn.execute(
+                "UPDATE cm_quota_allowance SET pending = pending - ?, "
+                "unconfirmed = unconfirmed - ?, "
+                "overlapped = CASE WHEN unconfirmed - ? <= 0 THEN 0 ELSE overlapped END "
+                "WHERE customer = ? AND feature = ?",
+                (pending[0], pending[1], pending[1], customer, feature),
+            )
 
     @staticmethod
-    def _allowance_row(
+    def _row(
         conn: sqlite3.Connection, customer: str, feature: str
-    ) -> tuple[QuotaAllowance, float] | None:
+    ) -> tuple[QuotaAllowance | None, float, int, int]:
+        # (the allowance with our unconfirmed changes applied, or None; its age's start;
+        # the units held; how many changes are unconfirmed)
         row = conn.execute(
-            "SELECT current, included, billed, unlimited, overage, as_of, fetched_at "
-            "FROM cm_quota_allowance WHERE customer = ? AND feature = ? AND included IS NOT NULL",
+            "SELECT current, included, billed, unlimited, overage, as_of, fetched_at, held, "
+            "pending, unconfirmed FROM cm_quota_allowance WHERE customer = ? AND feature = ?",
             (customer, feature),
         ).fetchone()
         if row is None:
-            return None
-        current, included, billed, unlimited, overage, as_of, fetched_at = row
-        allowance = QuotaAllowance(
+            return None, 0.0, 0, 0
+        current, included, billed, unlimited, overage, as_of, fetched_at, held, pending, n = row
+        if included is None:
+            return None, fetched_at, int(held), int(n)
+        base = QuotaAllowance(
             feature, current, included, None, billed, bool(unlimited), bool(overage), as_of
         )
-        return allowance, fetched_at
+        return _with_current(base, current + pending), fetched_at, int(held), int(n)
 
     # the protocol
 
@@ -189,16 +213,13 @@ class SQLiteQuotaStore:
         """Decide from the stored allowance and hold ``count`` units if they fit (atomically)."""
         now = time.time()
         with self._tx() as conn:
-            held = self._held(conn, customer_id, feature, now)
+            self._sweep(conn, customer_id, feature, now)
+            allowance, fetched_at, held, _ = self._row(conn, customer_id, feature)
             if mode == "blind":
                 reservation = self._hold(conn, customer_id, feature, count, now + lease)
                 return StoreOutcome("allowed", None, None, held + count, False, reservation)
-            found = self._allowance_row(conn, customer_id, feature)
-            if found is None or (mode == "fresh" and now - found[1] >= ttl):
+            if allowance is None or (mode == "fresh" and now - fetched_at >= ttl):
                 return MISS
-            allowance = _with_current(
-                found[0], found[0].current + self._pending(conn, customer_id, feature, now)
-            )
             verdict = decide(
                 allowance.current,
                 allowance.included,
@@ -226,7 +247,24 @@ class SQLiteQuotaStore:
             "VALUES (?, ?, ?, ?, ?)",
             (reservation.id, customer, feature, count, expires),
         )
+        conn.execute(
+            "UPDATE cm_quota_allowance SET held = held + ? WHERE customer = ? AND feature = ?",
+            (count, customer, feature),
+        )
         return reservation
+
+    @staticmethod
+    def _unhold(conn: sqlite3.Connection, reservation: Reservation) -> bool:
+        gone = conn.execute(
+            "DELETE FROM cm_quota_hold WHERE id = ? AND expires > ?", (reservation.id, time.time())
+        ).rowcount
+        if gone != 1:
+            return False
+        conn.execute(
+            "UPDATE cm_quota_allowance SET held = held - ? WHERE customer = ? AND feature = ?",
+            (reservation.count, reservation.customer_id, reservation.feature),
+        )
+        return True
 
     def claim_read(self, customer_id: str, feature: str, lease: float, ttl: float) -> bool:
         """Take the read claim unless another process holds one, or a fresh allowance is in."""
@@ -263,29 +301,23 @@ class SQLiteQuotaStore:
     def fresh(self, customer_id: str, feature: str, ttl: float) -> bool:
         """Return True when the stored allowance is younger than ``ttl``."""
         with self._tx(write=False) as conn:
-            found = self._allowance_row(conn, customer_id, feature)
-        return found is not None and time.time() - found[1] < ttl
+            allowance, fetched_at, _, _ = self._row(conn, customer_id, feature)
+        return allowance is not None and time.time() - fetched_at < ttl
 
     def save_allowance(self, customer_id: str, feature: str, allowance: QuotaAllowance) -> None:
-        """Store Commet's answer (keeping our own balance while changes are unconfirmed)."""
+        """Store Commet's answer and end the read claim. While changes of ours are unconfirmed
+        the answer may predate some of them: the higher balance is kept."""
         now = time.time()
         with self._tx() as conn:
-            unconfirmed = conn.execute(
-                "SELECT COUNT(*) FROM cm_quota_pending WHERE customer = ? AND feature = ? "
-                "AND expires > ?",
-                (customer_id, feature, now),
-            ).fetchone()[0]
-            conn.execute(
-                "INSERT OR IGNORE INTO cm_quota_allowance (customer, feature) VALUES (?, ?)",
-                (customer_id, feature),
-            )
+            self._sweep(conn, customer_id, feature, now)
             conn.execute(
                 "UPDATE cm_quota_allowance SET "
-                "current = CASE WHEN ? > 0 AND current IS NOT NULL THEN current ELSE ? END, "
+                "current = CASE WHEN unconfirmed > 0 AND current IS NOT NULL "
+                "THEN MAX(current, ?) ELSE ? END, "
                 "included = ?, billed = ?, unlimited = ?, overage = ?, as_of = ?, "
                 "fetched_at = ?, read_until = 0 WHERE customer = ? AND feature = ?",
                 (
-                    unconfirmed,
+                    allowance.current,
                     allowance.current,
                     allowance.included,
                     allowance.billed_quantity,
@@ -302,10 +334,8 @@ class SQLiteQuotaStore:
         """Turn the held units into an unconfirmed change."""
         now = time.time()
         with self._tx() as conn:
-            gone = conn.execute(
-                "DELETE FROM cm_quota_hold WHERE id = ?", (reservation.id,)
-            ).rowcount
-            if gone != 1:
+            self._sweep(conn, reservation.customer_id, reservation.feature, now)
+            if not self._unhold(conn, reservation):
                 return False
             self._add_pending(
                 conn,
@@ -315,29 +345,25 @@ class SQLiteQuotaStore:
                 reservation.count,
                 now + pending_ttl,
             )
-            # Expired holds past their grace, and expired records, go with the commits.
-            conn.execute("DELETE FROM cm_quota_hold WHERE expires < ?", (now - _HOLD_GRACE,))
         return True
 
     def release(self, reservation: Reservation) -> bool:
         """Give the held units back."""
         with self._tx() as conn:
-            gone = conn.execute(
-                "DELETE FROM cm_quota_hold WHERE id = ?", (reservation.id,)
-            ).rowcount
-        return gone == 1
+            self._sweep(conn, reservation.customer_id, reservation.feature, time.time())
+            return self._unhold(conn, reservation)
 
     def add_pending(
         self, customer_id: str, feature: str, change_key: str, delta: int, pending_ttl: float
     ) -> None:
         """Count a change of ours as unconfirmed."""
+        now = time.time()
         with self._tx() as conn:
-            self._add_pending(
-                conn, customer_id, feature, change_key, delta, time.time() + pending_ttl
-            )
+            self._sweep(conn, customer_id, feature, now)
+            self._add_pending(conn, customer_id, feature, change_key, delta, now + pending_ttl)
 
+    @staticmethod
     def _add_pending(
-        self,
         conn: sqlite3.Connection,
         customer: str,
         feature: str,
@@ -345,90 +371,101 @@ class SQLiteQuotaStore:
         delta: int,
         expires: float,
     ) -> None:
-        conn.execute(
-            "INSERT OR REPLACE INTO cm_quota_pending (key, customer, feature, delta, expires) "
+        added = conn.execute(
+            "INSERT OR IGNORE INTO cm_quota_pending (key, customer, feature, delta, expires) "
             "VALUES (?, ?, ?, ?, ?)",
             (change_key, customer, feature, delta, expires),
-        )
-        now = time.time()
-        conn.execute(
-            "DELETE FROM cm_quota_pending WHERE customer = ? AND feature = ? AND expires <= ?",
-            (customer, feature, now),
-        )
-        count = conn.execute(
-            "SELECT COUNT(*) FROM cm_quota_pending WHERE customer = ? AND feature = ?",
-            (customer, feature),
-        ).fetchone()[0]
-        if count > 1:
+        ).rowcount
+        if added:
             conn.execute(
-                "INSERT OR IGNORE INTO cm_quota_allowance (customer, feature) VALUES (?, ?)",
-                (customer, feature),
-            )
-            conn.execute(
-                "UPDATE cm_quota_allowance SET overlapped = 1 WHERE customer = ? AND feature = ?",
-                (customer, feature),
+                "UPDATE cm_quota_allowance SET pending = pending + ?, "
+                "unconfirmed = unconfirmed + 1, "
+                "overlapped = CASE WHEN unconfirmed + 1 > 1 THEN 1 ELSE overlapped END "
+                "WHERE customer = ? AND feature = ?",
+                (delta, customer, feature),
             )
 
-    def confirm(
+    def _settle(
         self, customer_id: str, feature: str, change_key: str, new_balance: Number | None
     ) -> bool:
-        """Fold a confirmed change into the stored balance."""
+        # Commet applied the change (new_balance may be None) or never will (forget: below).
         with self._tx() as conn:
+            self._sweep(conn, customer_id, feature, time.time())
             row = conn.execute(
                 "SELECT delta FROM cm_quota_pending WHERE key = ?", (change_key,)
             ).fetchone()
             if row is None:
                 return False
             conn.execute("DELETE FROM cm_quota_pending WHERE key = ?", (change_key,))
-            left = conn.execute(
-                "SELECT COUNT(*) FROM cm_quota_pending WHERE customer = ? AND feature = ?",
-                (customer_id, feature),
-            ).fetchone()[0]
+            conn.execute(
+                "UPDATE cm_quota_allowance SET pending = pending - ?, "
+                "unconfirmed = unconfirmed - 1 WHERE customer = ? AND feature = ?",
+                (row[0], customer_id, feature),
+            )
             state = conn.execute(
-                "SELECT overlapped FROM cm_quota_allowance "
-                "WHERE customer = ? AND feature = ? AND included IS NOT NULL",
+                "SELECT unconfirmed, overlapped, included IS NOT NULL FROM cm_quota_allowance "
+                "WHERE customer = ? AND feature = ?",
                 (customer_id, feature),
             ).fetchone()
-            if state is None:
-                return False
-            exact = left == 0 and not state[0] and new_balance is not None
+            left, overlapped, known = state
+            exact = bool(known) and left <= 0 and not overlapped and new_balance is not None
             if exact:
                 conn.execute(
-                    "UPDATE cm_quota_allowance SET current = ?, overlapped = 0 "
-                    "WHERE customer = ? AND feature = ?",
+                    "UPDATE cm_quota_allowance SET current = ? WHERE customer = ? AND feature = ?",
                     (new_balance, customer_id, feature),
                 )
-            else:
+            elif known:
                 conn.execute(
-                    "UPDATE cm_quota_allowance SET current = MAX(current + ?, 0), "
-                    "overlapped = CASE WHEN ? = 0 THEN 0 ELSE overlapped END "
+                    "UPDATE cm_quota_allowance SET current = MAX(current + ?, 0) "
                     "WHERE customer = ? AND feature = ?",
-                    (row[0], left, customer_id, feature),
+                    (row[0], customer_id, feature),
+                )
+            if left <= 0:
+                conn.execute(
+                    "UPDATE cm_quota_allowance SET overlapped = 0 "
+                    "WHERE customer = ? AND feature = ?",
+                    (customer_id, feature),
                 )
         return exact
+
+    def confirm(
+        self, customer_id: str, feature: str, change_key: str, new_balance: Number | None
+    ) -> bool:
+        """Fold a confirmed change into the stored balance."""
+        return self._settle(customer_id, feature, change_key, new_balance)
 
     def forget(self, customer_id: str, feature: str, change_key: str) -> None:
         """Drop the change and make the next check read Commet."""
         with self._tx() as conn:
-            conn.execute("DELETE FROM cm_quota_pending WHERE key = ?", (change_key,))
+            self._sweep(conn, customer_id, feature, time.time())
+            row = conn.execute(
+                "SELECT delta FROM cm_quota_pending WHERE key = ?", (change_key,)
+            ).fetchone()
+            if row is not None:
+                conn.execute("DELETE FROM cm_quota_pending WHERE key = ?", (change_key,))
+                conn.execute(
+                    "UPDATE cm_quota_allowance SET pending = pending - ?, "
+                    "unconfirmed = unconfirmed - 1 WHERE customer = ? AND feature = ?",
+                    (row[0], customer_id, feature),
+                )
             conn.execute(
-                "UPDATE cm_quota_allowance SET fetched_at = 0 WHERE customer = ? AND feature = ?",
+                "UPDATE cm_quota_allowance SET fetched_at = 0, "
+                "overlapped = CASE WHEN unconfirmed <= 0 THEN 0 ELSE overlapped END "
+                "WHERE customer = ? AND feature = ?",
                 (customer_id, feature),
             )
 
     def in_flight(self, customer_id: str, feature: str) -> int:
         """Return the units held (leases not expired)."""
-        with self._tx(write=False) as conn:
-            return self._held(conn, customer_id, feature, time.time())
+        with self._tx() as conn:
+            self._sweep(conn, customer_id, feature, time.time())
+            return self._row(conn, customer_id, feature)[2]
 
     def last_known(self, customer_id: str, feature: str) -> QuotaAllowance | None:
         """Return the stored allowance with our unconfirmed changes applied."""
-        with self._tx(write=False) as conn:
-            found = self._allowance_row(conn, customer_id, feature)
-            if found is None:
-                return None
-            pending = self._pending(conn, customer_id, feature, time.time())
-        return _with_current(found[0], found[0].current + pending)
+        with self._tx() as conn:
+            self._sweep(conn, customer_id, feature, time.time())
+            return self._row(conn, customer_id, feature)[0]
 
     def begin_idempotent(self, record: str, fingerprint: str, lease: float) -> IdempotencyState:
         """Claim ``record`` for this request, or say why not."""

@@ -23,7 +23,7 @@ from commet_middleware._results import QuotaAllowance
 from commet_middleware._settings import describe_store_url, validate_store_url
 
 from ._cache import AllowanceCache
-from ._decide import Number, decide, left_of, with_balance
+from ._decide import Number, left_of, with_balance
 from ._reservations import InMemoryReservationStore, Reservation
 
 if TYPE_CHECKING:
@@ -258,24 +258,17 @@ class MemoryQuotaStore:
                 allowance = cache.last_known(customer_id, feature)
             if allowance is None:
                 return MISS
-            verdict = decide(
-                allowance.current,
-                allowance.included,
-                allowance.unlimited,
-                allowance.overage_enabled,
-                0,
-                count,
-                hard_limit,
-            )
-            # An answer's own ``remaining`` is Commet's word; the reservation store checks
-            # the units in flight against it atomically.
+            # decide()'s rule, inlined on the hot path of every guarded request: the reservation
+            # store checks held + count against what is left atomically, and an answer's own
+            # ``remaining`` is Commet's word for what is left.
+            enforced = not allowance.unlimited and (hard_limit or not allowance.overage_enabled)
             left = left_of(allowance)
             reservation = reservations.reserve(
-                customer_id, feature, count, left if verdict.enforced else None
+                customer_id, feature, count, left if enforced else None
             )
             held = reservations.in_flight(customer_id, feature)
         kind: Literal["allowed", "refused"] = "allowed" if reservation is not None else "refused"
-        return StoreOutcome(kind, allowance, left, held, verdict.enforced, reservation)
+        return StoreOutcome(kind, allowance, left, held, enforced, reservation)
 
     def claim_read(self, customer_id: str, feature: str, lease: float, ttl: float) -> bool:
         """Always True: the gate's own single-flight is the only coordination one process needs."""
@@ -298,7 +291,7 @@ class MemoryQuotaStore:
         with self._lock:
             known = self.cache.last_known(customer_id, feature)
             if known is not None and (customer_id, feature) in self._outstanding:
-                allowance = with_balance(allowance, known.current)
+                allowance = with_balance(allowance, max(known.current, allowance.current))
             self.cache.put(customer_id, feature, allowance)
 
     def commit(self, reservation: Reservation, change_key: str, pending_ttl: float) -> bool:
