@@ -154,7 +154,9 @@ def _metered_agg(app: Any, framework: str, sink_url: str) -> None:
     add_middleware(app, framework, CommetMiddleware, CommetWSGIMiddleware, **_aggregating(sink_url))
 
 
-def _quota_store(kind: Literal["sqlite", "redis"]) -> Callable[[Any, str, str], None]:
+def _quota_store(
+    kind: Literal["sqlite", "redis"], *, aggregate: bool = False
+) -> Callable[[Any, str, str], None]:
     """The warm quota guard's middleware with a shared quota store: a SQLite file of the run
     (``quota.db`` in BENCH_SPOOL_DIR) or the Redis the runner started (BENCH_REDIS_URL)."""
 
@@ -164,13 +166,12 @@ def _quota_store(kind: Literal["sqlite", "redis"]) -> Callable[[Any, str, str], 
             url = "sqlite://" + os.path.join(directory, "quota.db")
         else:
             url = os.environ["BENCH_REDIS_URL"]
-        add_middleware(
-            app,
-            framework,
-            CommetMiddleware,
-            CommetWSGIMiddleware,
-            **commet_options(sink_url, quota_store=url),
-        )
+        if aggregate:
+            options = _aggregating(sink_url)
+            options["settings"] = options["settings"].replace(quota_store=url)
+        else:
+            options = commet_options(sink_url, quota_store=url)
+        add_middleware(app, framework, CommetMiddleware, CommetWSGIMiddleware, **options)
 
     return install
 
@@ -320,6 +321,16 @@ CASES: dict[str, Case] = {
     ),
     "quota_guard_warm_redis": Case(
         install=_quota_store("redis"), decorate=quota_guard(QUOTA_FEATURE), expects="quota_added"
+    ),
+    "quota_guard_warm_sqlite_agg": Case(
+        install=_quota_store("sqlite", aggregate=True),
+        decorate=quota_guard(QUOTA_FEATURE),
+        expects="quota_added",
+    ),
+    "quota_guard_warm_redis_agg": Case(
+        install=_quota_store("redis", aggregate=True),
+        decorate=quota_guard(QUOTA_FEATURE),
+        expects="quota_added",
     ),
     "spool_on": Case(install=_spool_on, expects="commet_events"),
     "spool_on_agg": Case(install=_spool_on_agg, expects="usage_total"),

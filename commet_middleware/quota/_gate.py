@@ -6,25 +6,28 @@ the endpoint, then ``commit`` the decision's reservation (and enqueue the return
 
 How a check is answered, cheapest first:
 
-1. A fresh allowance in :class:`AllowanceCache` (no network). Our own commits keep it exact.
-2. A cold or expired entry: ONE ``get_quota`` with ``settings.quota_timeout`` and no retries;
-   concurrent misses for the same (customer, feature) share that one request (single-flight,
-   in asyncio tasks and in threads alike).
+1. A fresh allowance in the quota store (``_store``): one atomic step of the store decides and
+   reserves (no call to Commet). Our own commits keep it exact.
+2. A cold or expired entry: ONE ``get_quota`` with ``settings.quota_timeout`` and no retries,
+   for the whole fleet sharing the store (a read claim; the other processes wait for its
+   answer); in one process, concurrent misses share that one request (single-flight, in asyncio
+   tasks and in threads alike).
 3. Commet down or slow: ``on_unavailable="open"`` (default) decides from the last known
    allowance however old (``degraded=True``), or with none allows blind (``degraded=True``; the
    quota add is still enqueued, so Commet's balance reconciles); ``"closed"`` refuses (503).
+   A store that fails is the same kind of outage. A 401/403 on the read is not an outage: it
+   refuses with ``commet_key_rejected`` whatever the policy, and says so once at ERROR.
 
-Concurrent requests racing for the last units are kept honest by a :class:`ReservationStore`:
-an allowed request holds ``count`` units until it commits or releases, and every check
+Concurrent requests racing for the last units are kept honest by the store: an allowed request
+holds ``count`` units (leased, in a shared store) until it commits or releases, and every check
 subtracts the units held in flight.
 
-A commit moves the cached balance at once, but the quota add reaches Commet later through the
-delivery pipeline. The middleware registers :meth:`QuotaGate.confirm` as a delivery listener:
-Commet's confirmed balance replaces the cached one when no other change of ours to that
-(customer, feature) was in flight meanwhile (with several in flight, answers can arrive out of
-order, and the cache's own accounting is the better number until they have all landed). A
-known limit remains: a refetch (TTL expiry) while changes are still queued sees Commet's
-older balance.
+A commit counts the units as an unconfirmed change at once, but the quota add reaches Commet
+later through the delivery pipeline. The middleware registers :meth:`QuotaGate.confirm` as a
+delivery listener: Commet's confirmed balance replaces the stored one when no other change of
+ours to that (customer, feature) was in flight meanwhile (with several in flight, answers can
+arrive out of order, and our own accounting is the better number until they have all landed).
+A read of Commet while changes are unconfirmed keeps the higher of its balance and ours.
 """
 
 from __future__ import annotations
