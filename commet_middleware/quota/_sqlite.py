@@ -19,11 +19,14 @@ from typing import Literal
 
 from commet_middleware._results import QuotaAllowance
 
-from ._decide import Number, decide
+from ._decide import Number, Verdict, decide
 from ._reservations import Reservation
 from ._store import MISS, IdempotencyState, QuotaStoreError, ReserveMode, StoreOutcome
 
 __all__ = ["SQLiteQuotaStore"]
+
+# How often one process sweeps a key's expired holds and changes out of its sums (seconds).
+_SWEEP_EVERY = 1.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cm_quota_allowance (
@@ -68,6 +71,8 @@ class SQLiteQuotaStore:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
+        # When this process last swept each key's expired entries (see _maybe_sweep).
+        self._swept: dict[tuple[str, str], float] = {}
 
     def __repr__(self) -> str:
         return f"<SQLiteQuotaStore {self.path!r}>"
@@ -138,12 +143,22 @@ class SQLiteQuotaStore:
     # units held and of our unconfirmed changes, so a decision reads one row, however far
     # delivery lags; expired entries leave the sums first (found through an index on expiry).
 
+    def _maybe_sweep(
+        self, conn: sqlite3.Connection, customer: str, feature: str, now: float, force: bool
+    ) -> bool:
+        # Expired leases matter only when a worker died: sweeping once a second per key (and
+        # always before a refusal) keeps a fifth of a decision's statements off most requests.
+        key = (customer, feature)
+        if not force and now - self._swept.get(key, 0.0) < _SWEEP_EVERY:
+            return False
+        if len(self._swept) >= 10_000:
+            self._swept.clear()
+        self._swept[key] = now
+        self._sweep(conn, customer, feature, now)
+        return True
+
     @staticmethod
     def _sweep(conn: sqlite3.Connection, customer: str, feature: str, now: float) -> None:
-        conn.execute(
-            "INSERT OR IGNORE INTO cm_quota_allowance (customer, feature) VALUES (?, ?)",
-            (customer, feature),
-        )
         held = conn.execute(
             "SELECT COALESCE(SUM(count), 0), COUNT(*) FROM cm_quota_hold "
             "WHERE customer = ? AND feature = ? AND expires <= ?",
@@ -213,22 +228,36 @@ class SQLiteQuotaStore:
         """Decide from the stored allowance and hold ``count`` units if they fit (atomically)."""
         now = time.time()
         with self._tx() as conn:
-            self._sweep(conn, customer_id, feature, now)
+            swept = self._maybe_sweep(conn, customer_id, feature, now, force=False)
             allowance, fetched_at, held, _ = self._row(conn, customer_id, feature)
             if mode == "blind":
+                conn.execute(
+                    "INSERT OR IGNORE INTO cm_quota_allowance (customer, feature) VALUES (?, ?)",
+                    (customer_id, feature),
+                )
                 reservation = self._hold(conn, customer_id, feature, count, now + lease)
                 return StoreOutcome("allowed", None, None, held + count, False, reservation)
             if allowance is None or (mode == "fresh" and now - fetched_at >= ttl):
                 return MISS
-            verdict = decide(
-                allowance.current,
-                allowance.included,
-                allowance.unlimited,
-                allowance.overage_enabled,
-                held,
-                count,
-                hard_limit,
-            )
+
+            def verdict_now() -> Verdict:
+                assert allowance is not None  # checked above; for mypy inside the closure
+                return decide(
+                    allowance.current,
+                    allowance.included,
+                    allowance.unlimited,
+                    allowance.overage_enabled,
+                    held,
+                    count,
+                    hard_limit,
+                )
+
+            verdict = verdict_now()
+            if not verdict.allowed and not swept:
+                # A refusal is decided only from sums without expired entries.
+                self._maybe_sweep(conn, customer_id, feature, now, force=True)
+                allowance, fetched_at, held, _ = self._row(conn, customer_id, feature)
+                verdict = verdict_now()
             if not verdict.allowed:
                 return StoreOutcome("refused", allowance, verdict.left, held, verdict.enforced)
             reservation = self._hold(conn, customer_id, feature, count, now + lease)
@@ -309,7 +338,11 @@ class SQLiteQuotaStore:
         the answer may predate some of them: the higher balance is kept."""
         now = time.time()
         with self._tx() as conn:
-            self._sweep(conn, customer_id, feature, now)
+            conn.execute(
+                "INSERT OR IGNORE INTO cm_quota_allowance (customer, feature) VALUES (?, ?)",
+                (customer_id, feature),
+            )
+            self._maybe_sweep(conn, customer_id, feature, now, force=True)
             conn.execute(
                 "UPDATE cm_quota_allowance SET "
                 "current = CASE WHEN unconfirmed > 0 AND current IS NOT NULL "
@@ -334,7 +367,6 @@ class SQLiteQuotaStore:
         """Turn the held units into an unconfirmed change."""
         now = time.time()
         with self._tx() as conn:
-            self._sweep(conn, reservation.customer_id, reservation.feature, now)
             if not self._unhold(conn, reservation):
                 return False
             self._add_pending(
@@ -350,7 +382,6 @@ class SQLiteQuotaStore:
     def release(self, reservation: Reservation) -> bool:
         """Give the held units back."""
         with self._tx() as conn:
-            self._sweep(conn, reservation.customer_id, reservation.feature, time.time())
             return self._unhold(conn, reservation)
 
     def add_pending(
@@ -359,7 +390,10 @@ class SQLiteQuotaStore:
         """Count a change of ours as unconfirmed."""
         now = time.time()
         with self._tx() as conn:
-            self._sweep(conn, customer_id, feature, now)
+            conn.execute(
+                "INSERT OR IGNORE INTO cm_quota_allowance (customer, feature) VALUES (?, ?)",
+                (customer_id, feature),
+            )
             self._add_pending(conn, customer_id, feature, change_key, delta, now + pending_ttl)
 
     @staticmethod
@@ -390,7 +424,6 @@ class SQLiteQuotaStore:
     ) -> bool:
         # Commet applied the change (new_balance may be None) or never will (forget: below).
         with self._tx() as conn:
-            self._sweep(conn, customer_id, feature, time.time())
             row = conn.execute(
                 "SELECT delta FROM cm_quota_pending WHERE key = ?", (change_key,)
             ).fetchone()
@@ -437,7 +470,6 @@ class SQLiteQuotaStore:
     def forget(self, customer_id: str, feature: str, change_key: str) -> None:
         """Drop the change and make the next check read Commet."""
         with self._tx() as conn:
-            self._sweep(conn, customer_id, feature, time.time())
             row = conn.execute(
                 "SELECT delta FROM cm_quota_pending WHERE key = ?", (change_key,)
             ).fetchone()
@@ -458,13 +490,13 @@ class SQLiteQuotaStore:
     def in_flight(self, customer_id: str, feature: str) -> int:
         """Return the units held (leases not expired)."""
         with self._tx() as conn:
-            self._sweep(conn, customer_id, feature, time.time())
+            self._maybe_sweep(conn, customer_id, feature, time.time(), force=True)
             return self._row(conn, customer_id, feature)[2]
 
     def last_known(self, customer_id: str, feature: str) -> QuotaAllowance | None:
         """Return the stored allowance with our unconfirmed changes applied."""
         with self._tx() as conn:
-            self._sweep(conn, customer_id, feature, time.time())
+            self._maybe_sweep(conn, customer_id, feature, time.time(), force=True)
             return self._row(conn, customer_id, feature)[0]
 
     def begin_idempotent(self, record: str, fingerprint: str, lease: float) -> IdempotencyState:
