@@ -153,3 +153,15 @@ def test_several_workers_on_the_memory_store_warn_once(
     assert len(warnings) == 1
     assert "COMMET_QUOTA_STORE" in warnings[0]
     gate.close()
+
+
+def test_the_middleware_keyword_opens_the_named_store(tmp_path: Path) -> None:
+    """quota_store= on either middleware gives its gate that store (here SQLite)."""
+    from commet_middleware import CommetMiddleware, CommetWSGIMiddleware
+
+    url = f"sqlite://{tmp_path}/quota.db"
+    asgi = CommetMiddleware(lambda *a: None, api_key=API_KEY, quota_store=url)  # type: ignore[arg-type]
+    wsgi = CommetWSGIMiddleware(lambda *a: [], api_key=API_KEY, quota_store=url)  # type: ignore[arg-type]
+    assert asgi.gate.quota_store.url == wsgi.gate.quota_store.url == url
+    assert asgi.gate.quota_store.shared
+    wsgi.close()
