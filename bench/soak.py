@@ -142,11 +142,13 @@ def start_server(
     raise RuntimeError(f"{kind} did not start:\n{log.read_text()}")
 
 
-def event_key(client_key: str, path: str, method: str = "GET") -> str:
-    """The idempotency key the middleware gives the one event of a request with ``client_key``."""
-    from commet_middleware._keys import client_key_seed, derive_idempotency_key
+def event_key(client_key: str, path: str, customer: str, method: str = "GET") -> str:
+    """The idempotency key the middleware gives the one event of a request with ``client_key``
+    (a GET without a query or body, by ``customer``)."""
+    from commet_middleware._keys import client_request_seed, derive_idempotency_key
 
-    return derive_idempotency_key(client_key_seed(client_key, method, path), FEATURE, 1)
+    seed = client_request_seed(client_key, customer, method, path, "", b"")[2]
+    return derive_idempotency_key(seed, FEATURE, 1)
 
 
 def process_tree_rss_kb(pid: int) -> int:
@@ -370,12 +372,17 @@ def soak(
             if request.status is None or request.status >= 429
         )
     result = box["result"]
-    expected = {event_key(key, path): key for key, path in result.sent.items()}
-    succeeded = {event_key(key, result.sent[key]) for key in result.succeeded}
+
+    def key_of(key: str) -> str:
+        customer = f"cust_{int(key.rsplit('-', 1)[1]) % customers}"
+        return event_key(key, result.sent[key], customer)
+
+    expected = {key_of(key): key for key in result.sent}
+    succeeded = {key_of(key) for key in result.succeeded}
     lost = sorted(succeeded - set(ledger))
     # A 2xx the client read just before a SIGKILL: a loss there means the middleware forwarded
     # the end of a response before its usage was spooled (a regression of that ordering).
-    by_event = {event_key(key, result.sent[key]): key for key in result.succeeded}
+    by_event = {key_of(key): key for key in result.succeeded}
     lost_at_kill = [
         key
         for key in lost

@@ -22,11 +22,18 @@ from ._context import (
     _current,
     declared_body_length,
 )
-from ._keys import client_key_seed
 from ._models import Operation
-from ._quota import QuotaGate
 from ._settings import CommetSettings, DeadLetterHook, Dialect
 from .customers import CustomerResolver, resolve_async, resolve_now, resolve_now_or_later
+from .quota import QuotaGate
+from .quota._idempotency import (
+    IdempotencyAnswer,
+    IdempotencyGuard,
+    ResponseCapture,
+    capture_asgi,
+    read_asgi_body,
+    replay_receive,
+)
 
 __all__ = ["CommetMiddleware"]
 
@@ -179,6 +186,7 @@ class MiddlewareSetup:
         settings: CommetSettings,
         sink: EventSink | None,
         quota_gate: QuotaGate | None,
+        idempotency_replay: bool = False,
     ) -> None:
         self.customer = customer
         self.rules = rules
@@ -190,6 +198,17 @@ class MiddlewareSetup:
             sink, self._gates.queue_settings(settings) if sink is None else settings
         )
         self._gates.listen_to(self._sinks.sink)
+        # Client keys are recorded in the quota store, so every worker and host sees them.
+        self._idempotency = (
+            IdempotencyGuard(
+                self._gates.gate.quota_store,
+                ttl=settings.idempotency_ttl,
+                lease=settings.quota_lease,
+                replay=idempotency_replay,
+            )
+            if idempotency_header
+            else None
+        )
 
     @property
     def sink(self) -> EventSink:
@@ -235,12 +254,20 @@ class CommetMiddleware(MiddlewareSetup):
     (``customer_required``): a ``@metered`` endpoint refuses before running; zero-code and
     ``track`` usage are checked when the response starts, so the handler has already run.
 
-    ``idempotency_header`` (e.g. ``"Idempotency-Key"``) opts in to deriving event keys from the
-    client's key (bound to method and path), so a client retry is not billed twice; otherwise
-    keys come from a fresh id per executed request. Pass ``settings=`` or the common client
+    ``idempotency_header`` (e.g. ``"Idempotency-Key"``) opts in to the client's keys: a key is
+    bound to the customer, method, path, query and a hash of the body, and recorded in the quota
+    store. The same key on a different request answers 422 ``idempotency_key_reused``; a repeat
+    of a request that succeeded answers 409 ``idempotency_key_already_used`` (or, with
+    ``idempotency_replay=True``, the stored answer, up to 64 KiB, for ``idempotency_ttl``);
+    a repeat while the first runs answers 409 ``idempotency_in_progress``; a retry of a request
+    that failed runs, and its events get the same keys, so it is billed once. Without it, keys
+    come from a fresh id per executed request. Pass ``settings=`` or the common client
     settings as keywords (``api_key``, ``base_url``, ``transport``, ``dialect``,
     ``api_version``, ``timeout``, ``spool_path``, ``dead_letter``; the rest of the settings via
     ``settings=``; defaults from the environment), or ``sink=`` to collect operations yourself.
+    ``quota_store`` (default ``COMMET_QUOTA_STORE``, else ``"memory"``) says where the quota
+    guards keep their state: ``"memory"`` for one process, ``"sqlite:///PATH"`` for every
+    worker of one host, ``"redis://HOST:PORT/DB"`` for several hosts.
     """
 
     def __init__(
@@ -264,6 +291,8 @@ class CommetMiddleware(MiddlewareSetup):
         spool_path: str | None = None,
         dead_letter: DeadLetterHook | None = None,
         quota_gate: QuotaGate | None = None,
+        quota_store: str | None = None,
+        idempotency_replay: bool = False,
     ) -> None:
         self.app = app
         self._set_up(
@@ -286,10 +315,12 @@ class CommetMiddleware(MiddlewareSetup):
                     "timeout": timeout,
                     "spool_path": spool_path,
                     "dead_letter": dead_letter,
+                    "quota_store": quota_store,
                 },
             ),
             sink=sink,
             quota_gate=quota_gate,
+            idempotency_replay=idempotency_replay,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -316,6 +347,14 @@ class CommetMiddleware(MiddlewareSetup):
                 # Asked again later: values that appear only once the app has routed the
                 # request or authenticated the user (path params, scope["user"]).
                 ctx.late_resolver = lambda: resolve_now(resolver, scope)
+        header = self.idempotency_header
+        if header is not None:
+            client_key = _header(scope, header.encode("latin-1"))
+            if client_key:
+                admitted = await call.admit_client_key(client_key, receive)
+                if admitted is None:
+                    return  # answered from the key's record; the app did not run
+                receive = admitted
         token = _current.set(ctx)
         try:
             await self.app(scope, receive, call.send)
@@ -374,6 +413,7 @@ class _HTTPCall:
         "_send",
         "billable",
         "body_left",
+        "capture",
         "completed",
         "ctx",
         "feature",
@@ -401,23 +441,56 @@ class _HTTPCall:
         self.ctx = RequestContext(
             sink=middleware._sinks.sink,
             settings=middleware.settings,
-            key_seed=self._key_seed() if middleware.idempotency_header else "",
             reject_missing_customer=middleware.rules.reject_missing_customer,
             stats=middleware.stats,
             gate=middleware._gates.gate,
         )
+        # The response as it goes out, kept for an Idempotency-Key replay (opt-in).
+        self.capture: ResponseCapture | None = None
 
-    def _key_seed(self) -> str:
-        """The client's key bound to method and path, or "": the context's own request id."""
-        header = self.mw.idempotency_header
-        client_key = _header(self.scope, header.encode("latin-1")) if header else None
-        if client_key:
-            return client_key_seed(client_key, self.scope.get("method", ""), self.scope["path"])
-        return ""
+    async def admit_client_key(self, client_key: str, receive: Receive) -> Receive | None:
+        """Claim the client's Idempotency-Key for this request (its body read and hashed).
+
+        Returns the ``receive`` the app reads the body from again, or None when the key's
+        record answered instead (a refusal or a replay, already sent).
+        """
+        guard = self.mw._idempotency
+        if guard is None:
+            return receive
+        body, messages = await read_asgi_body(receive)
+        scope = self.scope
+        admission = guard.begin(
+            client_key,
+            self.ctx.customer_id,
+            str(scope.get("method", "GET")),
+            scope["path"],
+            bytes(scope.get("query_string", b"")).decode("latin-1"),
+            body,
+        )
+        if isinstance(admission, IdempotencyAnswer):
+            self.rejected = self.response_started = True
+            await self._send(
+                {
+                    "type": "http.response.start",
+                    "status": admission.status,
+                    "headers": [
+                        *_encode(admission.headers),
+                        (b"content-length", str(len(admission.body)).encode("ascii")),
+                    ],
+                }
+            )
+            await self._send({"type": "http.response.body", "body": admission.body})
+            return None
+        self.ctx.key_seed = admission.seed
+        self.ctx.idempotency = admission
+        self.capture = admission.capture
+        return replay_receive(messages, receive)
 
     async def send(self, message: Message) -> None:
         if self.rejected:
             return  # the app's own response was replaced by the 401
+        if self.capture is not None:
+            capture_asgi(self.capture, message)
         kind = message["type"]
         # Whether forwarding this message gives the client the whole response.
         if kind == "http.response.body":

@@ -31,8 +31,9 @@ from ._models import (
 )
 
 if TYPE_CHECKING:
-    from ._quota import QuotaGate, Reservation
     from ._settings import CommetSettings
+    from .quota import QuotaGate, Reservation
+    from .quota._idempotency import IdempotencyClaim
 
 __all__ = [
     "DEFAULT_EXCLUDE",
@@ -206,6 +207,9 @@ class RequestContext:
     response_headers: tuple[tuple[str, str], ...] = ()
     # Operations per feature so far (the ordinal in each key); made on first use.
     ordinals: dict[str, int] | None = None
+    # The client's Idempotency-Key held by this request: kept as used when the request settles
+    # billable, freed for a retry otherwise.
+    idempotency: IdempotencyClaim | None = None
 
     def __init__(
         self,
@@ -334,6 +338,9 @@ class RequestContext:
             self.billable_after_settle = billable
             pending, self.pending = self.pending, ()
             quota, self.quota_pending = self.quota_pending, ()
+        claim = self.idempotency
+        if claim is not None:
+            claim.finish(billable)
         for change in quota:
             self._settle_quota(change, billable=billable)
         if not billable or not pending:
@@ -366,7 +373,11 @@ class RequestContext:
         nothing else is pending (the common zero-code request): one lock, no pending list.
         """
         customer = self.customer_id
-        if customer is not None and not (self.pending or self.quota_pending or self.settled):
+        if (
+            customer is not None
+            and self.idempotency is None
+            and not (self.pending or self.quota_pending or self.settled)
+        ):
             with self._lock:
                 simple = not (self.pending or self.quota_pending or self.settled)
                 if simple:

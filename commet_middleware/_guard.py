@@ -18,7 +18,7 @@ from ._context import (
     get_current_context,
 )
 from ._models import validate_feature_code, validate_quota_count
-from ._quota import (
+from .quota import (
     OnUnavailable,
     QuotaDecision,
     QuotaGate,
@@ -60,7 +60,9 @@ def quota_guard(
     completes; it is released when the endpoint raises or the response fails. A refused request
     never reaches the endpoint: the middleware answers with a JSON error (``refusal_body``):
     402 ``quota_exceeded``, 401 ``customer_required``, 402 ``no_active_subscription``, 403
-    ``feature_not_in_plan``, 503 ``quota_unavailable`` (see ``status_for``), with RateLimit
+    ``feature_not_in_plan``, 503 ``quota_unavailable``, 503 ``commet_key_rejected`` (Commet
+    refused our API key on the quota read, whatever ``on_unavailable`` says; see
+    ``status_for``), with RateLimit
     headers; allowed responses carry the RateLimit headers too. A plan with overage enabled,
     or an unlimited one, is never refused unless ``hard_limit=True`` (which makes ``included``
     a ceiling even with overage).
@@ -68,8 +70,9 @@ def quota_guard(
     ``count`` may be a function of the endpoint's call arguments (FastAPI passes them by
     keyword: ``count=lambda **kw: len(kw["body"].items)``): it runs before the endpoint, and a
     result that is not a whole number >= 0 raises ``ValueError``. ``on_unavailable`` says what
-    to do when Commet cannot be asked: ``"open"`` decides from the last known allowance or
-    allows; ``"closed"`` refuses with 503 and ``Retry-After``. ``refusal_status`` replaces
+    to do when Commet or the quota store cannot be asked: ``"open"`` decides from the last
+    known allowance or allows (the units are still billed); ``"closed"`` refuses with 503 and
+    ``Retry-After``. ``refusal_status`` replaces
     the status of ``quota_exceeded`` refusals (e.g. 429); ``on_refused(decision)`` may return
     ``(status, body, headers)`` for any refusal (None keeps the default answer).
 

@@ -6,7 +6,7 @@ import hashlib
 import itertools
 import os
 
-__all__ = ["KEY_PREFIX", "client_key_seed", "derive_idempotency_key", "new_request_id"]
+__all__ = ["KEY_PREFIX", "client_request_seed", "derive_idempotency_key", "new_request_id"]
 
 KEY_PREFIX = "cm_"
 # 32 hex characters (128 bits) is far beyond any collision risk for one customer's events and
@@ -43,12 +43,24 @@ def new_request_id() -> str:
     return f"{_nonce}{next(_counter):016x}"
 
 
-def client_key_seed(client_key: str, method: str, path: str) -> str:
-    """Return the seed for a request that carries the client's own ``Idempotency-Key``.
+def client_request_seed(
+    client_key: str, customer_id: str, method: str, path: str, query: str, body: bytes
+) -> tuple[str, str, str]:
+    """Return (record, fingerprint, seed) for a request carrying the client's own key.
 
-    Method and path are bound in, so one client key reused on another endpoint names other events.
+    ``record`` names the key for this customer (one client's key never collides with another
+    customer's); ``fingerprint`` is the whole request (method, path, query, a SHA-256 of the
+    body), so one key reused for other work is recognised; ``seed`` derives the events' keys
+    from both, so a true retry of the same request produces the same keys and other work
+    never shares them.
     """
-    return _SEP.join(("client", method.upper(), path, client_key))
+    record = hashlib.sha256(
+        _SEP.join(("commet-middleware/idempotency/v1", customer_id, client_key)).encode("utf-8")
+    ).hexdigest()
+    fingerprint = hashlib.sha256(
+        _SEP.join((method.upper(), path, query, hashlib.sha256(body).hexdigest())).encode("utf-8")
+    ).hexdigest()
+    return record, fingerprint, _SEP.join(("client", record, fingerprint))
 
 
 def derive_idempotency_key(seed: str, feature: str, ordinal: int) -> str:

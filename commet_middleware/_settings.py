@@ -19,6 +19,8 @@ __all__ = [
     "DeadLetterHook",
     "Dialect",
     "OverflowPolicy",
+    "describe_store_url",
+    "validate_store_url",
 ]
 
 DEFAULT_BASE_URL = "https://commet.co"
@@ -41,8 +43,9 @@ def _mask(key: str) -> str:
 class CommetSettings:
     """Configuration shared by the client, the delivery pipeline and the middlewares.
 
-    Build it with :meth:`from_env` to take ``COMMET_API_KEY``, ``COMMET_BASE_URL`` and
-    ``COMMET_SPOOL`` from the environment; keyword arguments override them.
+    Build it with :meth:`from_env` to take ``COMMET_API_KEY``, ``COMMET_BASE_URL``,
+    ``COMMET_SPOOL`` and ``COMMET_QUOTA_STORE`` from the environment; keyword arguments
+    override them.
     """
 
     api_key: str = field(default="", repr=False)
@@ -78,6 +81,15 @@ class CommetSettings:
     # sender is behind fold into one exact event per group (see ``delivery._folding``), so the
     # queue never refuses one for want of room. False sends every event as it is.
     fold_when_behind: bool = True
+    # Where quota state lives (see ``commet_middleware.quota``): "memory" (this process),
+    # "sqlite:///PATH" (every process of one host), "redis://HOST:PORT/DB" (every host).
+    quota_store: str = field(default="memory", repr=False)
+    # How long one call to a shared quota store may take before it counts as an outage.
+    quota_store_timeout: float = 0.05
+    # How long a reservation holds its units if its request never settles (a killed worker).
+    quota_lease: float = 60.0
+    # How long a succeeded request's Idempotency-Key (and stored answer) is remembered.
+    idempotency_ttl: float = 86_400.0
 
     def __post_init__(self) -> None:
         if self.dialect not in ("v1", "legacy"):
@@ -92,12 +104,17 @@ class CommetSettings:
             raise ValueError("max_retries must be >= 0")
         if self.aggregate_window is not None and not self.aggregate_window > 0:
             raise ValueError("aggregate_window must be a positive number of seconds, or None")
+        validate_store_url(self.quota_store)
+        for name in ("quota_store_timeout", "quota_lease", "idempotency_ttl"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds")
 
     def __repr__(self) -> str:
         shown = ", ".join(
             f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr
         )
-        return f"CommetSettings(api_key={_mask(self.api_key)}, {shown})"
+        store = describe_store_url(self.quota_store)
+        return f"CommetSettings(api_key={_mask(self.api_key)}, {shown}, quota_store={store!r})"
 
     @classmethod
     def from_env(cls, **overrides: Any) -> CommetSettings:
@@ -106,6 +123,7 @@ class CommetSettings:
             "api_key": os.environ.get("COMMET_API_KEY", ""),
             "base_url": os.environ.get("COMMET_BASE_URL") or DEFAULT_BASE_URL,
             "spool_path": os.environ.get("COMMET_SPOOL") or None,
+            "quota_store": os.environ.get("COMMET_QUOTA_STORE") or "memory",
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -113,3 +131,29 @@ class CommetSettings:
     def replace(self, **changes: Any) -> CommetSettings:
         """Return a copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
+
+
+def validate_store_url(url: str) -> str:
+    """Return ``url`` if it names a quota store this package knows, else raise ValueError."""
+    if not isinstance(url, str):
+        raise ValueError(f"quota_store must be a URL string, got {type(url).__name__}")
+    if url == "memory":
+        return url
+    if url.startswith("sqlite://") and len(url) > len("sqlite://"):
+        return url
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return url
+    raise ValueError(
+        f"quota_store must be 'memory', 'sqlite:///PATH' or 'redis://HOST:PORT/DB', got "
+        f"{describe_store_url(url)!r}"
+    )
+
+
+def describe_store_url(url: str) -> str:
+    """Return ``url`` with any password masked, for logs and reprs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0] if ":" in credentials else ""
+    return f"{scheme}://{user}:***@{host}"

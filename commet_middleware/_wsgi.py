@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import io
 import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -22,10 +23,10 @@ from ._context import (
     _current,
     declared_body_length,
 )
-from ._keys import client_key_seed
-from ._quota import QuotaGate
 from ._settings import CommetSettings, DeadLetterHook, Dialect
 from .customers import CustomerResolver, resolve_now
+from .quota import QuotaGate
+from .quota._idempotency import MAX_BODY_BYTES, IdempotencyAnswer, ResponseCapture
 
 __all__ = ["CommetWSGIMiddleware"]
 
@@ -79,6 +80,8 @@ class CommetWSGIMiddleware(MiddlewareSetup):
         spool_path: str | None = None,
         dead_letter: DeadLetterHook | None = None,
         quota_gate: QuotaGate | None = None,
+        quota_store: str | None = None,
+        idempotency_replay: bool = False,
     ) -> None:
         self.app = app
         self._set_up(
@@ -101,10 +104,12 @@ class CommetWSGIMiddleware(MiddlewareSetup):
                     "timeout": timeout,
                     "spool_path": spool_path,
                     "dead_letter": dead_letter,
+                    "quota_store": quota_store,
                 },
             ),
             sink=sink,
             quota_gate=quota_gate,
+            idempotency_replay=idempotency_replay,
         )
 
     def close(self) -> None:
@@ -146,24 +151,47 @@ class _WSGICall:
         self.ctx = RequestContext(
             sink=middleware._sinks.sink,
             settings=middleware.settings,
-            key_seed=self._key_seed() if middleware.idempotency_header else "",
             reject_missing_customer=middleware.rules.reject_missing_customer,
             stats=middleware.stats,
             gate=middleware._gates.gate,
         )
+        # The response as it goes out, kept for an Idempotency-Key replay (opt-in).
+        self.capture: ResponseCapture | None = None
         # The app and every chunk of its body run in this context, so @metered code that runs
         # lazily inside a streamed body still finds the request.
         self.context = contextvars.copy_context()
         self.context.run(_current.set, self.ctx)
 
-    def _key_seed(self) -> str:
+    def admit_client_key(self) -> list[bytes] | None:
+        """Claim the client's Idempotency-Key for this request (its body read and hashed).
+
+        Returns None to run the app (the body is there to read again), or the body of the
+        answer the key's record gave instead (already started).
+        """
+        guard = self.mw._idempotency
         header = self.mw.idempotency_header
-        if header:
-            client_key = self.environ.get("HTTP_" + header.upper().replace("-", "_"))
-            if client_key:
-                method = str(self.environ.get("REQUEST_METHOD", ""))
-                return client_key_seed(client_key, method, self._path())
-        return ""  # the context's own request id
+        environ = self.environ
+        client_key = environ.get("HTTP_" + header.upper().replace("-", "_")) if header else None
+        if guard is None or not client_key:
+            return None
+        body = _read_body(environ)
+        admission = guard.begin(
+            str(client_key),
+            self.ctx.customer_id,
+            str(environ.get("REQUEST_METHOD", "GET")),
+            self._path(),
+            str(environ.get("QUERY_STRING", "")),
+            body,
+        )
+        if isinstance(admission, IdempotencyAnswer):
+            self.rejected = self.started = True
+            headers = [*admission.headers, ("Content-Length", str(len(admission.body)))]
+            self._start_response(_status_line(admission.status), headers)
+            return [admission.body]
+        self.ctx.key_seed = admission.seed
+        self.ctx.idempotency = admission
+        self.capture = admission.capture
+        return None
 
     def _path(self) -> str:
         return str(self.environ.get("SCRIPT_NAME", "")) + str(self.environ.get("PATH_INFO", ""))
@@ -176,6 +204,10 @@ class _WSGICall:
             ctx.customer_id = resolve_now(resolver, environ)
             if ctx.customer_id is None:  # asked again once the app has authenticated the user
                 ctx.late_resolver = lambda: resolve_now(resolver, environ)
+        if self.mw._idempotency is not None:
+            answered = self.admit_client_key()
+            if answered is not None:
+                return answered
         try:
             result = self.context.run(self.mw.app, self.environ, self.start_response)
         except (CustomerRequiredError, RequestRefusedError):
@@ -239,8 +271,19 @@ class _WSGICall:
             # A guard's RateLimit headers, on responses that will use the reserved units.
             headers = [*headers, *ctx.response_headers]
         if exc_info is not None:
-            return self._start_response(status, headers, exc_info)
-        return self._start_response(status, headers)
+            write = self._start_response(status, headers, exc_info)
+        else:
+            write = self._start_response(status, headers)
+        capture = self.capture
+        if capture is None:
+            return write
+        capture.start(status_code, headers)
+
+        def captured_write(data: bytes) -> object:
+            capture.add(data)
+            return write(data)
+
+        return captured_write
 
     def _zero_code_feature(self) -> str | None:
         environ = self.environ
@@ -312,6 +355,8 @@ class _WSGICall:
             ctx.settle(billable=billable)
 
     def _hook_file_wrapper(self, result: object) -> bool:
+        if self.capture is not None:
+            self.capture.overflow = True  # a file the server sends is not kept for a replay
         # Returning the server's own file wrapper keeps its sendfile fast path; billing then
         # happens when the server closes it, which it does after sending the file.
         inner_close = getattr(result, "close", None)
@@ -328,6 +373,27 @@ class _WSGICall:
         except (AttributeError, TypeError):
             return False
         return True
+
+
+def _read_body(environ: WSGIEnvironment) -> bytes | None:
+    """Read the whole request body and put it back for the app; None when it is too large."""
+    stream = environ.get("wsgi.input")
+    length = str(environ.get("CONTENT_LENGTH") or "").strip()
+    if stream is None:
+        return b""
+    if length.isdigit():
+        if int(length) > MAX_BODY_BYTES:
+            return None
+        body = stream.read(int(length))
+    elif environ.get("wsgi.input_terminated"):
+        body = stream.read(MAX_BODY_BYTES + 1)
+        if len(body) > MAX_BODY_BYTES:
+            return None
+    else:
+        body = b""  # no length and no end marker: WSGI says there is no body to read
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
+    return bytes(body)
 
 
 def _status_line(status: int) -> str:
@@ -409,6 +475,8 @@ class _BillingIterable:
             raise StopIteration
         if call.rejected:  # start_response in this very chunk decided to reject
             return self._next_rejection_chunk()
+        if call.capture is not None:
+            call.capture.add(chunk)
         if self._is_last(chunk) and call.billable and not call.rejected:
             # Settled before the last chunk is handed over: a crash after it loses nothing.
             call.finish(complete=True)

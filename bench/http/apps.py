@@ -7,6 +7,7 @@ and case it builds comes from the environment the runner sets:
     BENCH_CASE       a key of CASES
     BENCH_SINK_URL   http://127.0.0.1:PORT, where every vendor URL points
     BENCH_SPOOL_DIR  a fresh directory per run, for the spool cases' files
+    BENCH_REDIS_URL  the redis-server the runner started for the quota_guard_warm_redis case
 
 Adding a case is one entry in ``CASES``: how to install it on the framework's app, an optional
 decorator for the endpoint, and what each 2xx response must bill (``expects``: the runner then
@@ -173,6 +174,28 @@ def _metered_agg(app: Any, framework: str, sink_url: str) -> None:
     add_middleware(app, framework, CommetMiddleware, CommetWSGIMiddleware, **_aggregating(sink_url))
 
 
+def _quota_store(
+    kind: Literal["sqlite", "redis"], *, aggregate: bool = False
+) -> Callable[[Any, str, str], None]:
+    """The warm quota guard's middleware with a shared quota store: a SQLite file of the run
+    (``quota.db`` in BENCH_SPOOL_DIR) or the Redis the runner started (BENCH_REDIS_URL)."""
+
+    def install(app: Any, framework: str, sink_url: str) -> None:
+        if kind == "sqlite":
+            directory = os.environ.get("BENCH_SPOOL_DIR") or tempfile.mkdtemp(prefix="commet-")
+            url = "sqlite://" + os.path.join(directory, "quota.db")
+        else:
+            url = os.environ["BENCH_REDIS_URL"]
+        if aggregate:
+            options = _aggregating(sink_url)
+            options["settings"] = options["settings"].replace(quota_store=url)
+        else:
+            options = commet_options(sink_url, quota_store=url)
+        add_middleware(app, framework, CommetMiddleware, CommetWSGIMiddleware, **options)
+
+    return install
+
+
 def _spool_path() -> str:
     # One file per serving process, in the directory the runner makes (and removes) per run.
     directory = os.environ.get("BENCH_SPOOL_DIR") or tempfile.mkdtemp(prefix="commet-bench-")
@@ -309,6 +332,24 @@ CASES: dict[str, Case] = {
     ),
     "quota_guard_warm_agg": Case(
         install=_metered_agg, decorate=quota_guard(QUOTA_FEATURE), expects="quota_added"
+    ),
+    # The same with the state in a store shared by processes: each request reserves in one
+    # store transaction (SQLite) or one Lua script (Redis), and commits in another.
+    "quota_guard_warm_sqlite": Case(
+        install=_quota_store("sqlite"), decorate=quota_guard(QUOTA_FEATURE), expects="quota_added"
+    ),
+    "quota_guard_warm_redis": Case(
+        install=_quota_store("redis"), decorate=quota_guard(QUOTA_FEATURE), expects="quota_added"
+    ),
+    "quota_guard_warm_sqlite_agg": Case(
+        install=_quota_store("sqlite", aggregate=True),
+        decorate=quota_guard(QUOTA_FEATURE),
+        expects="quota_added",
+    ),
+    "quota_guard_warm_redis_agg": Case(
+        install=_quota_store("redis", aggregate=True),
+        decorate=quota_guard(QUOTA_FEATURE),
+        expects="quota_added",
     ),
     "spool_on": Case(install=_spool_on, expects="commet_events"),
     "spool_on_agg": Case(install=_spool_on_agg, expects="usage_total"),

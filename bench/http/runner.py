@@ -440,6 +440,33 @@ def summarise(runs: list[Run], stacks: list[str], cases: list[str]) -> str:
     return "\n".join(lines)
 
 
+def start_redis() -> subprocess.Popen[str]:
+    """Start a redis-server (no persistence) for the Redis quota-store case, on the load core;
+    its URL goes to the servers in BENCH_REDIS_URL."""
+    if shutil.which("redis-server") is None:
+        subprocess.run([str(ROOT / "scripts" / "ensure-redis")], check=True)
+    port = free_port()
+    argv = [
+        "redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+        "--appendonly", "no", "--loglevel", "warning",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        pinned(LOAD_CORE, argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    os.environ["BENCH_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+                    return process
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("redis-server did not start")
+
+
 def available(case: str) -> bool:
     requires = CASES[case].requires
     return requires is None or find_spec(requires) is not None
@@ -483,6 +510,7 @@ def main(argv: list[str]) -> int:
     if args.py_spy:
         Path(args.py_spy).mkdir(parents=True, exist_ok=True)
 
+    redis = start_redis() if any("redis" in case for case in cases) else None
     sink_port = free_port()
     sink_url = f"http://127.0.0.1:{sink_port}"
     catalogue = str(HERE / "catalogue.toml") if args.emulator else None
@@ -513,6 +541,9 @@ def main(argv: list[str]) -> int:
             sink.wait(10)
         except subprocess.TimeoutExpired:
             sink.kill()
+        if redis is not None:
+            redis.kill()
+            redis.wait()
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(run) for run in runs], indent=1))
     print(summarise(runs, stacks, cases))

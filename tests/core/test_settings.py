@@ -56,3 +56,26 @@ def test_replace_returns_a_changed_copy() -> None:
     base = CommetSettings(api_key=SECRET)
     changed = base.replace(dialect="legacy")
     assert (base.dialect, changed.dialect, changed.api_key) == ("v1", "legacy", SECRET)
+
+
+def test_quota_store_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """COMMET_QUOTA_STORE names the quota store; unset, it is the per-process memory store."""
+    monkeypatch.delenv("COMMET_QUOTA_STORE", raising=False)
+    assert CommetSettings.from_env().quota_store == "memory"
+    monkeypatch.setenv("COMMET_QUOTA_STORE", "redis://127.0.0.1:6390/2")
+    assert CommetSettings.from_env().quota_store == "redis://127.0.0.1:6390/2"
+    assert CommetSettings.from_env(quota_store="memory").quota_store == "memory"
+
+
+@pytest.mark.parametrize("url", ["", "mysql://db/quota", "sqlite://", "/var/quota.db"])
+def test_an_unknown_quota_store_is_refused_clearly(url: str) -> None:
+    """A quota store URL of no known kind raises ValueError naming the accepted forms."""
+    with pytest.raises(ValueError, match="sqlite:///PATH"):
+        CommetSettings(quota_store=url)
+
+
+def test_a_quota_store_password_is_masked() -> None:
+    """The repr shows the Redis URL with its password masked."""
+    shown = repr(CommetSettings(quota_store="redis://app:hunter2-secret@10.0.0.5:6379/0"))
+    assert "hunter2-secret" not in shown
+    assert "redis://app:***@10.0.0.5:6379/0" in shown

@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from commet_middleware._client import CommetClient
-from commet_middleware._quota import AllowanceCache, QuotaGate
 from commet_middleware._settings import CommetSettings
+from commet_middleware.quota import AllowanceCache, QuotaGate
 from commet_middleware.testing import FakeCommet
+
+from .redis_server import RedisServer, redis_server_or_skip
 
 API_KEY = "ck_test_quota_secret_0123456789"
 
@@ -82,3 +84,10 @@ async def agate(settings: CommetSettings, clock: FakeClock) -> AsyncIterator[Quo
 def quota_reads(fake: FakeCommet) -> int:
     """How many allowance reads the emulator has received."""
     return sum(1 for r in fake.requests if r.method == "GET" and r.path.endswith("/quota"))
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of this test's own on 127.0.0.1 (skipped without one, failed in CI)."""
+    with redis_server_or_skip() as server:
+        yield server

@@ -13,8 +13,8 @@ import pytest
 
 from commet_middleware._client import CommetClient
 from commet_middleware._errors import CommetTransportError
-from commet_middleware._quota import AllowanceCache, QuotaDecision, QuotaGate
 from commet_middleware._results import QuotaAllowance
+from commet_middleware.quota import AllowanceCache, QuotaDecision, QuotaGate
 from commet_middleware.testing import FakeCommet
 
 from .conftest import FakeClock, quota_reads

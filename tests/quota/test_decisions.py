@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from commet_middleware._client import CommetClient
-from commet_middleware._quota import (
+from commet_middleware.quota import (
     QuotaDecision,
     QuotaGate,
     ratelimit_headers,

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from commet_middleware._client import CommetClient
-from commet_middleware._quota import InMemoryReservationStore, QuotaDecision, QuotaGate
+from commet_middleware.quota import InMemoryReservationStore, QuotaDecision, QuotaGate
 from commet_middleware.testing import FakeCommet
 
 from .conftest import quota_reads

@@ -8,9 +8,9 @@ import httpx
 import pytest
 
 from commet_middleware._client import AsyncCommetClient, CommetClient
-from commet_middleware._quota import QuotaGate, ratelimit_headers, refusal_body, status_for
 from commet_middleware._results import QuotaAllowance
 from commet_middleware._settings import CommetSettings
+from commet_middleware.quota import QuotaGate, ratelimit_headers, refusal_body, status_for
 from commet_middleware.testing import FakeCommet
 
 from .conftest import API_KEY, FakeClock, quota_reads

@@ -18,9 +18,9 @@ from commet_middleware import (
 )
 from commet_middleware._client import CommetClient
 from commet_middleware._models import Operation
-from commet_middleware._quota import QuotaGate
 from commet_middleware.customers import from_header
 from commet_middleware.delivery import DeliveryQueue
+from commet_middleware.quota import QuotaGate
 from commet_middleware.testing import FakeCommet
 
 from .conftest import USER, DeadLetters, quota_writes

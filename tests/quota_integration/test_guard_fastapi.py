@@ -13,9 +13,9 @@ from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 
 from commet_middleware import CommetMiddleware, CommetSettings, quota_guard, quota_release
-from commet_middleware._quota import QuotaGate
 from commet_middleware.customers import from_header
 from commet_middleware.delivery import DeliveryQueue
+from commet_middleware.quota import QuotaGate
 from commet_middleware.testing import FakeCommet
 
 from .conftest import USER, DeadLetters, quota_reads, quota_writes

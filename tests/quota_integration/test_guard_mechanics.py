@@ -20,8 +20,8 @@ from commet_middleware import (
     quota_guard,
     quota_release,
 )
-from commet_middleware._quota import QuotaGate
 from commet_middleware.customers import from_environ, from_header
+from commet_middleware.quota import QuotaGate
 from commet_middleware.testing import FakeCommet
 
 from .conftest import USER

@@ -45,7 +45,7 @@ def _load(url: str, prefix: str) -> list[str]:
             key = f"{prefix}-{i}"
             response = client.get("/work", headers={"x-customer": "cust_1", "Idempotency-Key": key})
             assert response.status_code == 200
-            keys.append(event_key(key, "/work"))
+            keys.append(event_key(key, "/work", "cust_1"))
     return keys
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from commet_middleware._keys import client_key_seed, derive_idempotency_key, new_request_id
+from commet_middleware._keys import client_request_seed, derive_idempotency_key, new_request_id
 
 
 def test_key_shape_is_prefixed_fixed_length_hex() -> None:
@@ -33,13 +33,26 @@ def test_request_ids_are_distinct() -> None:
     assert len({new_request_id() for _ in range(1000)}) == 1000
 
 
-def test_client_key_seed_binds_method_and_path() -> None:
-    """One client Idempotency-Key on another method or path names other events."""
-    seed = client_key_seed("k1", "post", "/a")
-    assert seed == client_key_seed("k1", "POST", "/a")
-    assert seed != client_key_seed("k1", "PUT", "/a")
-    assert seed != client_key_seed("k1", "POST", "/b")
-    assert seed != client_key_seed("k2", "POST", "/a")
+def test_client_request_seed_binds_the_whole_request() -> None:
+    """A client key is scoped to its customer; its fingerprint covers method, path, query, body."""
+    record, fingerprint, seed = client_request_seed("k1", "cus_1", "post", "/a", "x=1", b"{}")
+    assert (record, fingerprint, seed) == client_request_seed(
+        "k1", "cus_1", "POST", "/a", "x=1", b"{}"
+    )
+    assert client_request_seed("k1", "cus_2", "POST", "/a", "x=1", b"{}")[0] != record
+    assert client_request_seed("k2", "cus_1", "POST", "/a", "x=1", b"{}")[0] != record
+    others = [
+        client_request_seed("k1", "cus_1", *request)
+        for request in [
+            ("PUT", "/a", "x=1", b"{}"),
+            ("POST", "/b", "x=1", b"{}"),
+            ("POST", "/a", "x=2", b"{}"),
+            ("POST", "/a", "x=1", b"{ }"),
+        ]
+    ]
+    assert {other[0] for other in others} == {record}
+    assert fingerprint not in {other[1] for other in others}
+    assert seed not in {other[2] for other in others}
 
 
 def test_request_ids_have_a_fixed_hex_shape() -> None:
