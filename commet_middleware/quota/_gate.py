@@ -704,6 +704,21 @@ class QuotaGate:
                 "quota store %s failed during %s: %s", self.quota_store.url, doing, error
             )
 
+    def _refuse_unavailable(self, customer_id: str, feature: str, count: int) -> QuotaDecision:
+        """The closed policy's answer when Commet or the store cannot be asked."""
+        self.stats.add("closed_unavailable")
+        return self._refuse(
+            QuotaDecision(
+                allowed=False,
+                feature=feature,
+                count=count,
+                customer_id=customer_id,
+                code="quota_unavailable",
+                degraded=True,
+            ),
+            quiet=True,
+        )
+
     def _store_down(
         self,
         customer_id: str,
@@ -714,18 +729,7 @@ class QuotaGate:
     ) -> QuotaDecision:
         self._store_failed(error, f"a check ({on_unavailable} policy applies)")
         if on_unavailable == "closed":
-            self.stats.add("closed_unavailable")
-            return self._refuse(
-                QuotaDecision(
-                    allowed=False,
-                    feature=feature,
-                    count=count,
-                    customer_id=customer_id,
-                    code="quota_unavailable",
-                    degraded=True,
-                ),
-                quiet=True,
-            )
+            return self._refuse_unavailable(customer_id, feature, count)
         self.stats.add("degraded_open", "allowed")
         # Held nowhere (the store is out of reach), but committed and billed like any other.
         return QuotaDecision(
@@ -753,18 +757,7 @@ class QuotaGate:
                 feature,
                 error,
             )
-            self.stats.add("closed_unavailable")
-            return self._refuse(
-                QuotaDecision(
-                    allowed=False,
-                    feature=feature,
-                    count=count,
-                    customer_id=customer_id,
-                    code="quota_unavailable",
-                    degraded=True,
-                ),
-                quiet=True,
-            )
+            return self._refuse_unavailable(customer_id, feature, count)
         self.stats.add("degraded_open")
         outcome = self._reserve(customer_id, feature, count, "any", hard_limit)
         if isinstance(outcome, QuotaStoreError):
