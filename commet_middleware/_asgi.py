@@ -25,7 +25,16 @@ from ._context import (
 from ._keys import client_key_seed
 from ._models import Operation
 from ._quota import QuotaGate
-from ._settings import CommetSettings, DeadLetterHook, Dialect
+from ._settings import (
+    SETTING_FIELDS,
+    CommetSettings,
+    DeadLetterHook,
+    Dialect,
+    OverflowPolicy,
+    StartupCheck,
+    resolve_settings,
+)
+from ._startup import averify, verify, warn_if_unconfigured
 from .customers import CustomerResolver, resolve_async, resolve_now, resolve_now_or_later
 
 __all__ = ["CommetMiddleware"]
@@ -34,15 +43,13 @@ logger = logging.getLogger("commet_middleware")
 
 
 def build_settings(settings: CommetSettings | None, overrides: dict[str, Any]) -> CommetSettings:
-    """Return ``settings`` with the given (non-None) ``overrides``, or settings from the env.
+    """Return the settings of a middleware being built: keyword > ``settings`` > env > default.
 
-    The middlewares list their client settings as explicit keywords rather than ``**kwargs``:
-    Starlette's ``add_middleware`` typing rejects a factory with ``**kwargs``.
+    Every field of ``CommetSettings`` is a keyword of both middlewares (a test checks it).
+    Read now: a middleware built lazily (Starlette builds its
+    stack on the first request) uses the environment of that moment.
     """
-    overrides = {key: value for key, value in overrides.items() if value is not None}
-    if settings is None:
-        return CommetSettings.from_env(**overrides)
-    return settings.replace(**overrides) if overrides else settings
+    return resolve_settings(settings, overrides)
 
 
 def chain_dead_letter(first: DeadLetterHook, then: DeadLetterHook | None) -> DeadLetterHook:
@@ -190,6 +197,25 @@ class MiddlewareSetup:
             sink, self._gates.queue_settings(settings) if sink is None else settings
         )
         self._gates.listen_to(self._sinks.sink)
+        self._checked = False
+
+    def _startup_checks(self) -> None:
+        """Once per middleware, at start: warn of a missing key; ``verify_on_startup``."""
+        if self._checked:
+            return
+        self._checked = True
+        if self._sinks.owned:
+            warn_if_unconfigured(self.settings)
+        verify(self.settings)
+
+    async def _astartup_checks(self) -> None:
+        """Like :meth:`_startup_checks`, on an event loop."""
+        if self._checked:
+            return
+        self._checked = True
+        if self._sinks.owned:
+            warn_if_unconfigured(self.settings)
+        await averify(self.settings)
 
     @property
     def sink(self) -> EventSink:
@@ -239,8 +265,10 @@ class CommetMiddleware(MiddlewareSetup):
     client's key (bound to method and path), so a client retry is not billed twice; otherwise
     keys come from a fresh id per executed request. Pass ``settings=`` or the common client
     settings as keywords (``api_key``, ``base_url``, ``transport``, ``dialect``,
-    ``api_version``, ``timeout``, ``spool_path``, ``dead_letter``; the rest of the settings via
-    ``settings=``; defaults from the environment), or ``sink=`` to collect operations yourself.
+    ``api_version``, ``timeout``, ``spool_path``, ``dead_letter``: every field of
+    ``CommetSettings``, such as ``aggregate_window=``), or ``sink=`` to collect operations
+    yourself. Precedence: keyword > ``settings`` > ``COMMET_*`` environment > default; a field
+    of ``settings`` left at its default defers to the environment.
     """
 
     def __init__(
@@ -264,7 +292,25 @@ class CommetMiddleware(MiddlewareSetup):
         spool_path: str | None = None,
         dead_letter: DeadLetterHook | None = None,
         quota_gate: QuotaGate | None = None,
+        connect_timeout: float | None = None,
+        quota_timeout: float | None = None,
+        max_retries: int | None = None,
+        backoff_base: float | None = None,
+        backoff_cap: float | None = None,
+        retry_after_cap: float | None = None,
+        queue_limit: int | None = None,
+        overflow: OverflowPolicy | None = None,
+        overflow_block_timeout: float | None = None,
+        max_concurrency: int | None = None,
+        batch_size: int | None = None,
+        shutdown_timeout: float | None = None,
+        aggregate_window: float | None = None,
+        fold_when_behind: bool | None = None,
+        verify_on_startup: StartupCheck | None = None,
     ) -> None:
+        # Every CommetSettings field is a keyword here (explicit, so add_middleware can type
+        # them); the ones given (not None) win over settings= and the environment.
+        given = {name: value for name, value in locals().items() if name in SETTING_FIELDS}
         self.app = app
         self._set_up(
             customer=customer,
@@ -275,19 +321,7 @@ class CommetMiddleware(MiddlewareSetup):
                 on_missing_customer=on_missing_customer,
             ),
             idempotency_header=idempotency_header.lower() if idempotency_header else None,
-            settings=build_settings(
-                settings,
-                {
-                    "api_key": api_key,
-                    "base_url": base_url,
-                    "transport": transport,
-                    "dialect": dialect,
-                    "api_version": api_version,
-                    "timeout": timeout,
-                    "spool_path": spool_path,
-                    "dead_letter": dead_letter,
-                },
-            ),
+            settings=build_settings(settings, given),
             sink=sink,
             quota_gate=quota_gate,
         )
@@ -302,6 +336,7 @@ class CommetMiddleware(MiddlewareSetup):
         # Servers and test clients that never send lifespan still get a started queue.
         if not self._sinks.started:
             self._sinks.start()
+            await self._astartup_checks()
         scope = dict(scope)
         scope["commet.applied"] = True
         # The request runs here rather than in a method of _HTTPCall: one coroutine less per
@@ -337,6 +372,8 @@ class CommetMiddleware(MiddlewareSetup):
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._sinks.start()
+                # "raise" fails the startup here: the server reports it and does not serve.
+                await self._astartup_checks()
             return message
 
         async def send_wrapper(message: Message) -> None:

@@ -743,6 +743,8 @@ def _drive(load: _Load, options: DemoOptions, progress: _Progress) -> None:
 def _app_env(commet_url: str, spool_path: str | None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(COMMET_API_KEY=DEMO_API_KEY, COMMET_BASE_URL=commet_url, PYTHONUNBUFFERED="1")
+    # A wrong key or URL is one line in app.log at start, not a trickle of dead letters.
+    env["COMMET_VERIFY_ON_STARTUP"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(_EXAMPLES.parent), env.get("PYTHONPATH", "")) if p
     )

@@ -279,9 +279,7 @@ CASES: dict[str, Case] = {
     "bare": Case(),
     "passthrough": Case(install=_passthrough),
     "zero_code": Case(install=_zero_code, expects="usage_total"),
-    "metered": Case(
-        install=_metered_middleware, decorate=metered(FEATURE), expects="usage_total"
-    ),
+    "metered": Case(install=_metered_middleware, decorate=metered(FEATURE), expects="usage_total"),
     "zero_code_agg": Case(install=_zero_code_agg, expects="usage_total"),
     "metered_agg": Case(install=_metered_agg, decorate=metered(FEATURE), expects="usage_total"),
     # The quota cache is warm once the runner's warm-up has run: one read, then a read per TTL.
