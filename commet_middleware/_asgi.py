@@ -23,6 +23,7 @@ from ._context import (
     declared_body_length,
 )
 from ._keys import client_key_seed
+from ._live import redirected, register
 from ._models import Operation
 from ._quota import QuotaGate
 from ._settings import (
@@ -190,14 +191,38 @@ class MiddlewareSetup:
         self.customer = customer
         self.rules = rules
         self.idempotency_header = idempotency_header
-        self.settings = settings
         self.stats = MeteringStats()
+        self._checked = False
+        # The settings the app asked for, before any test redirection (``retarget`` goes back).
+        self.configured_settings = settings
+        self._build_owners(redirected(settings), sink, quota_gate)
+        register(self)
+
+    def _build_owners(
+        self, settings: CommetSettings, sink: EventSink | None, quota_gate: QuotaGate | None
+    ) -> None:
+        self.settings = settings
         self._gates = QuotaGateOwner(quota_gate, settings)
         self._sinks = SinkOwner(
             sink, self._gates.queue_settings(settings) if sink is None else settings
         )
         self._gates.listen_to(self._sinks.sink)
-        self._checked = False
+
+    def retarget(self, settings: CommetSettings) -> None:
+        """Deliver to ``settings`` from the next request on (the testing tools' seam).
+
+        What the middleware's own queue holds is flushed and closed first, to where it was
+        going; its own quota gate (and so its allowance cache) is replaced. A ``sink=`` or
+        ``quota_gate=`` given at build time stays.
+        """
+        old_sinks, old_gates = self._sinks, self._gates
+        old_sinks.close()
+        old_gates.close()
+        self._build_owners(
+            settings,
+            None if old_sinks.owned else old_sinks.sink,
+            None if old_gates.owned else old_gates.gate,
+        )
 
     def _startup_checks(self) -> None:
         """Once per middleware, at start: warn of a missing key; ``verify_on_startup``."""
