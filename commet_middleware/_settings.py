@@ -26,6 +26,7 @@ __all__ = [
     "StartupCheck",
     "env_name",
     "env_names",
+    "from_config",
     "resolve_settings",
 ]
 
@@ -180,6 +181,31 @@ def resolve_settings(
                 values[f.name] = value
     values.update({key: value for key, value in keywords.items() if value is not None})
     return CommetSettings(**values)
+
+
+def from_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the settings a framework's config mapping names with ``COMMET_*`` keys.
+
+    Text is parsed like the environment (``"100"`` for ``queue_limit``); other values are
+    taken as they are, so object-valued fields (``COMMET_TRANSPORT``) work too. A key that
+    is set to None counts as not set.
+    """
+    parsers = _parsers()
+    values: dict[str, Any] = {}
+    for name in SETTING_FIELDS:
+        for key in _variables(name):
+            if key not in config or config[key] is None:
+                continue
+            value = config[key]
+            parse = parsers.get(name)
+            if isinstance(value, str) and parse is not None:
+                value = value.strip()
+                if not value:
+                    continue
+                value = parse(key, value)
+            values[name] = value
+            break
+    return values
 
 
 def _is_default(f: dataclasses.Field[Any], value: Any) -> bool:

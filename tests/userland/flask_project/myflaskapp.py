@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from flask import Flask
 
-from commet_middleware import CommetWSGIMiddleware, metered
-from commet_middleware.customers import from_header
+from commet_middleware import metered
+from commet_middleware.flask import Commet
+
+commet = Commet()
 
 
 def create_app() -> Flask:
     """Build the app (the factory the tests may call per test)."""
     app = Flask(__name__)
-    app.wsgi_app = CommetWSGIMiddleware(app.wsgi_app, customer=from_header("X-Customer-ID"))
+    app.config["COMMET_CUSTOMER_HEADER"] = "X-Customer-ID"
+    commet.init_app(app)
 
     @app.get("/search")
     @metered("api_calls")
