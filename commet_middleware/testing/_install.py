@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from commet_middleware._live import live_middlewares, redirect
 from commet_middleware._models import Operation
 from commet_middleware._settings import CommetSettings, DeadLetterHook
-from commet_middleware.delivery import aflush, flush
+from commet_middleware.delivery import aflush, close_default_queues, flush
 
 if TYPE_CHECKING:
     from ._fake import FakeCommet
@@ -31,13 +31,32 @@ class Installation:
         self.strict = strict
         self.dead_letters: list[tuple[Operation, Exception]] = []
         self._lock = threading.Lock()
+        self._redirected: list[tuple[CommetSettings, CommetSettings]] = []
 
     def _record(self, operation: Operation, error: Exception) -> None:
         with self._lock:
             self.dead_letters.append((operation, error))
 
     def settings_for(self, settings: CommetSettings) -> CommetSettings:
-        """``settings`` pointed at the emulator; the app's own dead-letter hook still runs."""
+        """``settings`` pointed at the emulator; the app's own dead-letter hook still runs.
+
+        The same settings give the same object back, so the process's default queue (what
+        ``@metered(customer=...)`` in a job uses) is one queue per installation, not one per call.
+        """
+        with self._lock:
+            for known, redirected in self._redirected:
+                if (
+                    known == settings
+                    and known.transport is settings.transport
+                    and known.dead_letter is settings.dead_letter
+                ):
+                    return redirected
+        redirected = self._redirect(settings)
+        with self._lock:
+            self._redirected.append((settings, redirected))
+        return redirected
+
+    def _redirect(self, settings: CommetSettings) -> CommetSettings:
         keys = self.fake.api_keys
         key = settings.api_key if keys is None and settings.api_key else TEST_KEY
         if keys is not None:
@@ -134,9 +153,12 @@ def install(
         if not _in_event_loop():
             delivered = flush(timeout)
         # Every middleware, built before the test or during it, goes back to its own
-        # settings: a module-level app must not keep sending to this test's emulator.
+        # settings: a module-level app must not keep sending to this test's emulator. The
+        # default queues (jobs' @metered) are closed: the next use builds fresh ones.
         for middleware in live_middlewares():
             middleware.retarget(middleware.configured_settings)
+        if not close_default_queues(timeout):
+            delivered = False
     problems = installation.problems(delivered)
     if strict and problems:
         raise AssertionError("commet strict mode: " + "; ".join(problems))
