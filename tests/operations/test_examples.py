@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import warnings
+from collections.abc import Iterator
 from typing import Any
+
+import pytest
 
 from commet_middleware.testing import FakeCommet
 
@@ -38,6 +43,22 @@ def _api_gateway_event(path: str, query: str, headers: dict[str, str]) -> dict[s
     }
 
 
+@pytest.fixture
+def lambda_loop() -> Iterator[None]:
+    """The event loop Mangum runs invocations on, ended at the end as a function's process is."""
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        loop = asyncio.get_event_loop_policy().get_event_loop()
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    loop.close()
+    asyncio.set_event_loop(None)
+
+
+@pytest.mark.usefixtures("lambda_loop")
 def test_mangum_handler_delivers_before_it_returns(commet_emulator: FakeCommet) -> None:
     """Each invocation's usage is in Commet when the handler returns: no settle needed."""
     from examples import mangum_handler
