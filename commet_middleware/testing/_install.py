@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from commet_middleware._live import live_middlewares, redirect
+from commet_middleware._live import live_middlewares, redirect, redirected
 from commet_middleware._models import Operation
 from commet_middleware._settings import CommetSettings, DeadLetterHook
 from commet_middleware.delivery import aflush, close_default_queues, flush
@@ -155,8 +155,9 @@ def install(
         # Every middleware, built before the test or during it, goes back to its own
         # settings: a module-level app must not keep sending to this test's emulator. The
         # default queues (jobs' @metered) are closed: the next use builds fresh ones.
+        # An outer installation (a session one around per-test ones) takes them back.
         for middleware in live_middlewares():
-            middleware.retarget(middleware.configured_settings)
+            middleware.retarget(redirected(middleware.configured_settings))
         if not close_default_queues(timeout):
             delivered = False
     problems = installation.problems(delivered)

@@ -221,3 +221,33 @@ def test_sync_settle_inside_an_event_loop_says_what_to_use() -> None:
 
     with pytest.raises(RuntimeError, match="asettle"):
         asyncio.run(main())
+
+
+def test_a_test_install_inside_a_session_install_hands_back_to_it() -> None:
+    """After an inner install ends, apps deliver to the outer (session) emulator again."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from commet_middleware import CommetMiddleware, metered
+    from commet_middleware.customers import from_header
+    from commet_middleware.testing import FakeCommet
+
+    app = FastAPI()
+    app.add_middleware(CommetMiddleware, customer=from_header("X-Customer-ID"))
+
+    @app.get("/search")
+    @metered("api_calls")
+    def search() -> dict[str, str]:
+        return {}
+
+    client = TestClient(app)
+    headers = {"X-Customer-ID": "user_123"}
+    outer, inner = FakeCommet.from_catalogue(), FakeCommet.from_catalogue()
+    with outer.install(strict=True):
+        assert client.get("/search", headers=headers).status_code == 200
+        with inner.install(strict=True):
+            assert client.get("/search", headers=headers).status_code == 200
+        assert client.get("/search", headers=headers).status_code == 200
+        assert outer.settle()
+    assert inner.usage_total("user_123", "api_calls") == 1
+    assert outer.usage_total("user_123", "api_calls") == 2
