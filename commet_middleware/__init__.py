@@ -11,6 +11,7 @@ from ._metered import metered, track
 from ._models import QuotaChange, UsageEvent
 from ._results import QuotaAllowance, QuotaChangeResult, TrackResult
 from ._settings import CommetSettings
+from ._startup import CommetStartupError
 from ._wsgi import CommetWSGIMiddleware
 from .delivery import aflush, flush
 
@@ -21,6 +22,7 @@ __all__ = [
     "CommetError",
     "CommetMiddleware",
     "CommetSettings",
+    "CommetStartupError",
     "CommetTransportError",
     "CommetWSGIMiddleware",
     "QuotaAllowance",

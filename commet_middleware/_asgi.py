@@ -22,8 +22,18 @@ from ._context import (
     _current,
     declared_body_length,
 )
+from ._live import redirected, register
 from ._models import Operation
-from ._settings import CommetSettings, DeadLetterHook, Dialect
+from ._settings import (
+    SETTING_FIELDS,
+    CommetSettings,
+    DeadLetterHook,
+    Dialect,
+    OverflowPolicy,
+    StartupCheck,
+    resolve_settings,
+)
+from ._startup import averify, verify, warn_if_unconfigured
 from .customers import CustomerResolver, resolve_async, resolve_now, resolve_now_or_later
 from .quota import QuotaGate
 from .quota._idempotency import (
@@ -41,15 +51,13 @@ logger = logging.getLogger("commet_middleware")
 
 
 def build_settings(settings: CommetSettings | None, overrides: dict[str, Any]) -> CommetSettings:
-    """Return ``settings`` with the given (non-None) ``overrides``, or settings from the env.
+    """Return the settings of a middleware being built: keyword > ``settings`` > env > default.
 
-    The middlewares list their client settings as explicit keywords rather than ``**kwargs``:
-    Starlette's ``add_middleware`` typing rejects a factory with ``**kwargs``.
+    Every field of ``CommetSettings`` is a keyword of both middlewares (a test checks it).
+    Read now: a middleware built lazily (Starlette builds its
+    stack on the first request) uses the environment of that moment.
     """
-    overrides = {key: value for key, value in overrides.items() if value is not None}
-    if settings is None:
-        return CommetSettings.from_env(**overrides)
-    return settings.replace(**overrides) if overrides else settings
+    return resolve_settings(settings, overrides)
 
 
 def chain_dead_letter(first: DeadLetterHook, then: DeadLetterHook | None) -> DeadLetterHook:
@@ -191,8 +199,18 @@ class MiddlewareSetup:
         self.customer = customer
         self.rules = rules
         self.idempotency_header = idempotency_header
-        self.settings = settings
+        self.idempotency_replay = idempotency_replay
         self.stats = MeteringStats()
+        self._checked = False
+        # The settings the app asked for, before any test redirection (``retarget`` goes back).
+        self.configured_settings = settings
+        self._build_owners(redirected(settings), sink, quota_gate)
+        register(self)
+
+    def _build_owners(
+        self, settings: CommetSettings, sink: EventSink | None, quota_gate: QuotaGate | None
+    ) -> None:
+        self.settings = settings
         self._gates = QuotaGateOwner(quota_gate, settings)
         self._sinks = SinkOwner(
             sink, self._gates.queue_settings(settings) if sink is None else settings
@@ -204,11 +222,45 @@ class MiddlewareSetup:
                 self._gates.gate.quota_store,
                 ttl=settings.idempotency_ttl,
                 lease=settings.quota_lease,
-                replay=idempotency_replay,
+                replay=self.idempotency_replay,
             )
-            if idempotency_header
+            if self.idempotency_header
             else None
         )
+
+    def retarget(self, settings: CommetSettings) -> None:
+        """Deliver to ``settings`` from the next request on (the testing tools' seam).
+
+        What the middleware's own queue holds is flushed and closed first, to where it was
+        going; its own quota gate (and so its allowance cache) is replaced. A ``sink=`` or
+        ``quota_gate=`` given at build time stays.
+        """
+        old_sinks, old_gates = self._sinks, self._gates
+        old_sinks.close()
+        old_gates.close()
+        self._build_owners(
+            settings,
+            None if old_sinks.owned else old_sinks.sink,
+            None if old_gates.owned else old_gates.gate,
+        )
+
+    def _startup_checks(self) -> None:
+        """Once per middleware, at start: warn of a missing key; ``verify_on_startup``."""
+        if self._checked:
+            return
+        self._checked = True
+        if self._sinks.owned:
+            warn_if_unconfigured(self.settings)
+        verify(self.settings)
+
+    async def _astartup_checks(self) -> None:
+        """Like :meth:`_startup_checks`, on an event loop."""
+        if self._checked:
+            return
+        self._checked = True
+        if self._sinks.owned:
+            warn_if_unconfigured(self.settings)
+        await averify(self.settings)
 
     @property
     def sink(self) -> EventSink:
@@ -263,8 +315,10 @@ class CommetMiddleware(MiddlewareSetup):
     that failed runs, and its events get the same keys, so it is billed once. Without it, keys
     come from a fresh id per executed request. Pass ``settings=`` or the common client
     settings as keywords (``api_key``, ``base_url``, ``transport``, ``dialect``,
-    ``api_version``, ``timeout``, ``spool_path``, ``dead_letter``; the rest of the settings via
-    ``settings=``; defaults from the environment), or ``sink=`` to collect operations yourself.
+    ``api_version``, ``timeout``, ``spool_path``, ``dead_letter``: every field of
+    ``CommetSettings``, such as ``aggregate_window=``), or ``sink=`` to collect operations
+    yourself. Precedence: keyword > ``settings`` > ``COMMET_*`` environment > default; a field
+    of ``settings`` left at its default defers to the environment.
     ``quota_store`` (default ``COMMET_QUOTA_STORE``, else ``"memory"``) says where the quota
     guards keep their state: ``"memory"`` for one process, ``"sqlite:///PATH"`` for every
     worker of one host, ``"redis://HOST:PORT/DB"`` for several hosts.
@@ -291,9 +345,30 @@ class CommetMiddleware(MiddlewareSetup):
         spool_path: str | None = None,
         dead_letter: DeadLetterHook | None = None,
         quota_gate: QuotaGate | None = None,
+        connect_timeout: float | None = None,
+        quota_timeout: float | None = None,
+        max_retries: int | None = None,
+        backoff_base: float | None = None,
+        backoff_cap: float | None = None,
+        retry_after_cap: float | None = None,
+        queue_limit: int | None = None,
+        overflow: OverflowPolicy | None = None,
+        overflow_block_timeout: float | None = None,
+        max_concurrency: int | None = None,
+        batch_size: int | None = None,
+        shutdown_timeout: float | None = None,
+        aggregate_window: float | None = None,
+        fold_when_behind: bool | None = None,
+        verify_on_startup: StartupCheck | None = None,
         quota_store: str | None = None,
+        quota_store_timeout: float | None = None,
+        quota_lease: float | None = None,
+        idempotency_ttl: float | None = None,
         idempotency_replay: bool = False,
     ) -> None:
+        # Every CommetSettings field is a keyword here (explicit, so add_middleware can type
+        # them); the ones given (not None) win over settings= and the environment.
+        given = {name: value for name, value in locals().items() if name in SETTING_FIELDS}
         self.app = app
         self._set_up(
             customer=customer,
@@ -304,20 +379,7 @@ class CommetMiddleware(MiddlewareSetup):
                 on_missing_customer=on_missing_customer,
             ),
             idempotency_header=idempotency_header.lower() if idempotency_header else None,
-            settings=build_settings(
-                settings,
-                {
-                    "api_key": api_key,
-                    "base_url": base_url,
-                    "transport": transport,
-                    "dialect": dialect,
-                    "api_version": api_version,
-                    "timeout": timeout,
-                    "spool_path": spool_path,
-                    "dead_letter": dead_letter,
-                    "quota_store": quota_store,
-                },
-            ),
+            settings=build_settings(settings, given),
             sink=sink,
             quota_gate=quota_gate,
             idempotency_replay=idempotency_replay,
@@ -333,6 +395,7 @@ class CommetMiddleware(MiddlewareSetup):
         # Servers and test clients that never send lifespan still get a started queue.
         if not self._sinks.started:
             self._sinks.start()
+            await self._astartup_checks()
         scope = dict(scope)
         scope["commet.applied"] = True
         # The request runs here rather than in a method of _HTTPCall: one coroutine less per
@@ -376,6 +439,8 @@ class CommetMiddleware(MiddlewareSetup):
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._sinks.start()
+                # "raise" fails the startup here: the server reports it and does not serve.
+                await self._astartup_checks()
             return message
 
         async def send_wrapper(message: Message) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
+import importlib.util
 import signal
 import sys
 import time
@@ -12,12 +14,41 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 
+def _fail(command: str, message: str, status: int = 2) -> int:
+    """Say what went wrong in one line on stderr; return the exit status."""
+    print(f"commet-middleware {command}: {message}", file=sys.stderr)
+    return status
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("commet-middleware")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a bare source tree
+        return "unknown"
+
+
 def _emulator(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("uvicorn") is None:
+        return _fail(
+            "emulator", "the emulator needs uvicorn: pip install 'commet-middleware[server]'"
+        )
     from .testing import FakeCommet
     from .testing._server import bind_socket, run_forever
 
-    fake = FakeCommet.from_catalogue(args.config, allowed_hosts=args.allow_host)
-    sock = bind_socket(args.host, args.port)
+    try:
+        fake = FakeCommet.from_catalogue(args.config, allowed_hosts=args.allow_host)
+    except OSError as exc:
+        return _fail("emulator", f"cannot read the catalogue {args.config}: {exc.strerror or exc}")
+    except ValueError as exc:  # a TOML syntax error is a ValueError too
+        return _fail("emulator", f"bad catalogue: {exc}")
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as exc:
+        return _fail(
+            "emulator",
+            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc} "
+            "(another port: --port, or --port 0 for any free one)",
+        )
     host, port = sock.getsockname()[:2]
     catalogue = args.config or "the demo catalogue"
     print(f"Commet emulator on http://{host}:{port} ({catalogue}); Ctrl+C stops it", flush=True)
@@ -66,6 +97,8 @@ def _demo(args: argparse.Namespace) -> int:
     except DemoError as exc:
         print(f"commet-middleware demo: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a port taken (--app-port, --emulator-port), a full disk
+        return _fail("demo", f"{exc.strerror or exc}")
     except KeyboardInterrupt:
         print("\ncommet-middleware demo: interrupted", file=sys.stderr)
         return 130
@@ -78,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="commet-middleware", description="Tools for commet-middleware."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     emulator = commands.add_parser(
         "emulator",

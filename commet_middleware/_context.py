@@ -543,10 +543,11 @@ def commet_context(
 
 def default_sink(settings: CommetSettings | None = None) -> EventSink:
     """Return the process-wide started delivery queue for ``settings`` (default: from env)."""
+    from ._live import redirected  # the testing tools' seam (commet_emulator)
     from ._settings import CommetSettings
     from .delivery import default_queue  # the delivery pipeline is only needed when used
 
-    queue = default_queue(settings or CommetSettings.from_env())
+    queue = default_queue(redirected(settings or CommetSettings.from_env()))
     queue.start()
     return queue
 

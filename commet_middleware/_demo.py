@@ -64,7 +64,20 @@ TASKS_INCLUDED = 5
 _API_KEYS = {"user_123": "sk_demo_acme", "user_free": "sk_demo_free"}
 _NAMES = ("user_123", "user_free", "user_acme", "user_globex", "user_initech", "user_hooli")
 MAX_CUSTOMERS = 20
-_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+_SOURCE_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# The wheel carries examples/ as commet_middleware/_examples (pyproject's force-include), so
+# `pip install 'commet-middleware[server]'` then `commet-middleware demo` needs no checkout.
+_PACKAGED_EXAMPLES = Path(__file__).resolve().parent / "_examples"
+
+
+def _examples() -> tuple[Path, str]:
+    """The example apps' folder and their package name: packaged, else the source checkout."""
+    if (_PACKAGED_EXAMPLES / "__init__.py").exists():
+        return _PACKAGED_EXAMPLES, "commet_middleware._examples"
+    return _SOURCE_EXAMPLES, "examples"
+
+
+_EXAMPLES, _EXAMPLES_PACKAGE = _examples()
 
 # Every wait is bounded: a loaded 2-core machine may be slow, never stuck.
 READY_TIMEOUT = 30.0
@@ -181,12 +194,28 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# What each example app needs beyond the toolkit, and the extra that brings it.
+_APP_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "fastapi": (("uvicorn", "fastapi"), "commet-middleware[server]"),
+    "starlette": (("uvicorn",), "commet-middleware[server]"),
+    "flask": (("uvicorn", "flask"), "commet-middleware[server] flask"),
+}
+
+
+def _check_dependencies(app: AppName) -> None:
+    """Raise DemoError (one line: what to install) when the app or the emulator cannot run."""
+    modules, install = _APP_NEEDS[app]
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise DemoError(f"the {app} demo needs {' and '.join(missing)}: pip install '{install}'")
+
+
 def _server_argv(app: AppName, port: int) -> tuple[list[str], str]:
     """The command line serving ``app`` on 127.0.0.1:``port``, and the server's name."""
     python = sys.executable
     if app in ("fastapi", "starlette"):
         argv = [
-            python, "-m", "uvicorn", f"examples.{app}_app:app",
+            python, "-m", "uvicorn", f"{_EXAMPLES_PACKAGE}.{app}_app:app",
             "--host", "127.0.0.1", "--port", str(port),
             "--lifespan", "on", "--no-access-log", "--timeout-graceful-shutdown", "15",
         ]  # fmt: skip
@@ -197,7 +226,7 @@ def _server_argv(app: AppName, port: int) -> tuple[list[str], str]:
         argv = [
             python, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}",
             "--workers", "1", "--threads", "8", "--graceful-timeout", "20",
-            "examples.flask_app:app",
+            f"{_EXAMPLES_PACKAGE}.flask_app:app",
         ]  # fmt: skip
         return argv, "gunicorn (1 worker, 8 threads)"
     # Werkzeug's threaded server; SIGTERM becomes SystemExit so that atexit flushes delivery.
@@ -205,7 +234,7 @@ def _server_argv(app: AppName, port: int) -> tuple[list[str], str]:
         "import signal, sys\n"
         "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
         "from werkzeug.serving import run_simple\n"
-        "from examples.flask_app import app\n"
+        f"from {_EXAMPLES_PACKAGE}.flask_app import app\n"
         f"run_simple('127.0.0.1', {port}, app, threaded=True)\n"
     )
     return [python, "-c", code], "werkzeug (threaded)"
@@ -743,6 +772,8 @@ def _drive(load: _Load, options: DemoOptions, progress: _Progress) -> None:
 def _app_env(commet_url: str, spool_path: str | None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(COMMET_API_KEY=DEMO_API_KEY, COMMET_BASE_URL=commet_url, PYTHONUNBUFFERED="1")
+    # A wrong key or URL is one line in app.log at start, not a trickle of dead letters.
+    env["COMMET_VERIFY_ON_STARTUP"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(_EXAMPLES.parent), env.get("PYTHONPATH", "")) if p
     )
@@ -756,8 +787,9 @@ def _app_env(commet_url: str, spool_path: str | None) -> dict[str, str]:
 def _running_app(
     options: DemoOptions, commet_url: str, workdir: str
 ) -> Iterator[tuple[_AppProcess, str, str | None]]:
+    _check_dependencies(options.app)
     if not (_EXAMPLES / f"{options.app}_app.py").exists():
-        raise DemoError(f"the demo runs the apps in {_EXAMPLES}: use a source checkout")
+        raise DemoError(f"the example apps are missing from {_EXAMPLES}: reinstall the package")
     spool_path = os.path.join(workdir, "spool.sqlite3") if options.spool else None
     port = options.app_port or _free_port()
     argv, server = _server_argv(options.app, port)

@@ -80,6 +80,17 @@ def run_spool_command(args: argparse.Namespace) -> int:
                 else:
                     print(f"{row.row_id}\t{failed}\t{row.idempotency_key}\t{row.reason}")
         else:
+            if args.ids:
+                known = {row.row_id for row in spool.dead(None)}
+                unknown = [row_id for row_id in args.ids if row_id not in known]
+                if unknown:
+                    listed = ", ".join(str(row_id) for row_id in unknown)
+                    print(
+                        f"commet-middleware spool: no dead row with id {listed} "
+                        "(`spool dead` lists them); nothing moved",
+                        file=sys.stderr,
+                    )
+                    return 1
             moved = spool.retry_dead(args.ids or None)
             print(f"moved {moved} dead operations back to pending")
     finally:

@@ -23,7 +23,14 @@ from ._context import (
     _current,
     declared_body_length,
 )
-from ._settings import CommetSettings, DeadLetterHook, Dialect
+from ._settings import (
+    SETTING_FIELDS,
+    CommetSettings,
+    DeadLetterHook,
+    Dialect,
+    OverflowPolicy,
+    StartupCheck,
+)
 from .customers import CustomerResolver, resolve_now
 from .quota import QuotaGate
 from .quota._idempotency import MAX_BODY_BYTES, IdempotencyAnswer, ResponseCapture
@@ -80,9 +87,30 @@ class CommetWSGIMiddleware(MiddlewareSetup):
         spool_path: str | None = None,
         dead_letter: DeadLetterHook | None = None,
         quota_gate: QuotaGate | None = None,
+        connect_timeout: float | None = None,
+        quota_timeout: float | None = None,
+        max_retries: int | None = None,
+        backoff_base: float | None = None,
+        backoff_cap: float | None = None,
+        retry_after_cap: float | None = None,
+        queue_limit: int | None = None,
+        overflow: OverflowPolicy | None = None,
+        overflow_block_timeout: float | None = None,
+        max_concurrency: int | None = None,
+        batch_size: int | None = None,
+        shutdown_timeout: float | None = None,
+        aggregate_window: float | None = None,
+        fold_when_behind: bool | None = None,
+        verify_on_startup: StartupCheck | None = None,
         quota_store: str | None = None,
+        quota_store_timeout: float | None = None,
+        quota_lease: float | None = None,
+        idempotency_ttl: float | None = None,
         idempotency_replay: bool = False,
     ) -> None:
+        # Every CommetSettings field is a keyword here (explicit, so add_middleware can type
+        # them); the ones given (not None) win over settings= and the environment.
+        given = {name: value for name, value in locals().items() if name in SETTING_FIELDS}
         self.app = app
         self._set_up(
             customer=customer,
@@ -93,24 +121,14 @@ class CommetWSGIMiddleware(MiddlewareSetup):
                 on_missing_customer=on_missing_customer,
             ),
             idempotency_header=idempotency_header,
-            settings=build_settings(
-                settings,
-                {
-                    "api_key": api_key,
-                    "base_url": base_url,
-                    "transport": transport,
-                    "dialect": dialect,
-                    "api_version": api_version,
-                    "timeout": timeout,
-                    "spool_path": spool_path,
-                    "dead_letter": dead_letter,
-                    "quota_store": quota_store,
-                },
-            ),
+            settings=build_settings(settings, given),
             sink=sink,
             quota_gate=quota_gate,
             idempotency_replay=idempotency_replay,
         )
+        # A WSGI app is built as its process starts (there is no lifespan): check now, so a
+        # wrong key is one line in the worker's start-up log ("raise": the worker fails to boot).
+        self._startup_checks()
 
     def close(self) -> None:
         """Flush and close the delivery queue this middleware owns (at worker shutdown), then

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ._app import EmulatorApp, RequestHandler
 from ._catalogue import Catalogue, load_catalogue
@@ -21,6 +22,9 @@ from ._ledger import (
 )
 from ._server import serve_app
 from ._transport import EmulatorTransport
+
+if TYPE_CHECKING:
+    from ._install import Installation
 
 __all__ = ["FakeCommet"]
 
@@ -43,6 +47,8 @@ class FakeCommet:
         allowed_hosts: Collection[str] = (),
     ) -> None:
         self._ledger = Ledger()
+        # The installs (``install()``) pointing middlewares here now; reset() clears their caches.
+        self.installations: list[Installation] = []
         self.faults = Faults(seed)
         self._handler = RequestHandler(self._ledger, self.faults, api_keys)
         self.app = EmulatorApp(self._handler, allowed_hosts=allowed_hosts)
@@ -140,9 +146,59 @@ class FakeCommet:
         self._ledger.start_new_period()
 
     def reset(self) -> None:
-        """Forget events, balances, idempotency keys, requests and faults; keep the catalogue."""
+        """Forget events, balances, idempotency keys, requests and faults; keep the catalogue.
+
+        While installed (``install()``, the ``commet_emulator`` fixture) it first delivers what
+        the apps queued (outside an event loop) and then clears their quota caches.
+        """
+        if self.installations:
+            # What installed apps queued before the reset lands before it, not after; and they
+            # must not answer from allowances read before it.
+            from ._install import clear_caches, flush_unless_in_loop
+
+            flush_unless_in_loop()
+            self._ledger.reset()
+            self.faults.clear()
+            clear_caches()
+            return
         self._ledger.reset()
         self.faults.clear()
+
+    @property
+    def api_keys(self) -> frozenset[str] | None:
+        """The keys it accepts; None: any key starting ``ck_`` or ``rk_``."""
+        return self._handler.api_keys
+
+    # the testing story
+
+    @contextmanager
+    def install(self, *, url: str | None = None, strict: bool = False) -> Iterator[Installation]:
+        """Point every Commet middleware of the process (built or not yet) here, then back.
+
+        The ``commet_emulator`` fixture does this per test. ``url`` (from ``serve()``) goes
+        over HTTP instead of the in-process transport. On exit what was queued is delivered;
+        with ``strict`` a dead letter or an undelivered event raises ``AssertionError``.
+        """
+        from ._install import install
+
+        with install(self, url=url, strict=strict) as installation:
+            yield installation
+
+    def settle(self, timeout: float = 10.0) -> bool:
+        """Deliver everything the process has queued before asserting (sync tests).
+
+        True when all was delivered (or given up) within ``timeout``. In async code use
+        ``await asettle()``: there the sender runs on the test's own event loop.
+        """
+        from ._install import settle
+
+        return settle(timeout)
+
+    async def asettle(self, timeout: float = 10.0) -> bool:
+        """Like :meth:`settle`, awaited: for async tests (pytest-asyncio, anyio)."""
+        from ._install import asettle
+
+        return await asettle(timeout)
 
     @contextmanager
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
