@@ -159,6 +159,7 @@ class Pump:
         client: OperationSender | None = None
         loop = asyncio.get_running_loop()
         renewer: asyncio.Task[None] | None = None
+        abandoned = False
         try:
             client = await self._make_client(worker)
             if client is None:
@@ -208,13 +209,19 @@ class Pump:
                     task.add_done_callback(tasks.discard)
         except Exception:
             logger.exception("commet: the delivery sender failed; the next enqueue restarts it")
+        except GeneratorExit:
+            # Its loop was closed without cancelling it (the coroutine is being collected): no
+            # await may run now. What it held stays owned; the next enqueue, flush or exit
+            # finds the worker dead and queues it again.
+            abandoned = True
+            raise
         finally:
             if renewer is not None:
                 renewer.cancel()
                 tasks.add(renewer)
             for task in tasks:
                 task.cancel()
-            if tasks:
+            if tasks and not abandoned:
                 await asyncio.gather(*tasks, return_exceptions=True)
             if worker.stop_requested:
                 # Only now that no send of this generation can still finish: an operation it
@@ -224,7 +231,7 @@ class Pump:
                         state.detach(worker, requeue=True)
                         state.idle = False
                     state.cond.notify_all()
-            if client is not None:
+            if client is not None and not abandoned:
                 await self._close_client(client)
 
     def take(self, worker: Worker, limit: int) -> list[Item] | None:
