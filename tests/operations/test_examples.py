@@ -11,15 +11,9 @@ import pytest
 from commet_middleware.testing import FakeCommet
 from examples import celery_worker, mangum_handler
 
-# Importing Celery allocates enough to set off a full garbage collection; one during a test
-# collects what earlier tests left (a delivery task of a loop long closed) and pytest blames
-# that test for it. Here the imports happen at collection instead, and these two tests ignore
-# the unraisable warnings of such leftovers (they are not this test's; the delivery module's
-# tests own them).
-_LEFTOVERS = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+# Celery's import is heavy: it happens at collection, not inside a test.
 
 
-@_LEFTOVERS
 def test_celery_job_is_billed_to_its_customer(commet_emulator: FakeCommet) -> None:
     """A Celery task (run in process: no broker) bills its tokens; the shutdown hook flushes."""
     job = celery_worker.summarize.apply(args=("user_123", "Invoices are due in thirty days"))
@@ -71,7 +65,6 @@ def lambda_loop() -> Iterator[None]:
     asyncio.set_event_loop(previous)
 
 
-@_LEFTOVERS
 @pytest.mark.usefixtures("lambda_loop")
 def test_mangum_handler_delivers_before_it_returns(commet_emulator: FakeCommet) -> None:
     """Each invocation's usage is in Commet when the handler returns: no settle needed."""
