@@ -53,6 +53,7 @@ from ._ordering import QuotaTurns
 from ._pump import BACKOFF_CAP, Pump, default_encoder, default_sender_factory
 from ._sealing import Sealer
 from ._spool_bridge import SpoolBridge
+from ._spool_writer import GroupCommit
 from ._state import QueueState
 from ._workers import Worker, WorkerSlot, running_loop
 
@@ -184,14 +185,16 @@ class DeliveryQueue:
 
     # -- the request path ------------------------------------------------------------------
 
-    def enqueue(self, operation: Operation) -> None:
-        """Accept ``operation`` for delivery; never raises, waits only as the overflow says."""
+    def enqueue(self, operation: Operation) -> GroupCommit | None:
+        """Accept ``operation`` for delivery; never raises, waits only as the overflow says.
+
+        With a spool, returns the commit to wait for before the response completes.
+        """
         try:
             if self._generation != _process.fork_generation:
                 self._reset_after_fork()
             if self._bridge is not None:
-                self._bridge.enqueue(Item(operation))
-                return
+                return self._bridge.enqueue(Item(operation))
             state = self._state
             with state.lock:
                 if state.pending < state.limit:
@@ -211,6 +214,7 @@ class DeliveryQueue:
                 self._slot.nudge(worker, wake)
         except Exception:
             logger.exception("commet: could not enqueue %s; the request is unaffected", operation)
+        return None
 
     def _overflow(self, item: Item) -> None:
         policy = self.settings.overflow
@@ -422,6 +426,8 @@ class DeliveryQueue:
         return worker, leftovers
 
     def _abandon(self, items: list[Item]) -> None:
+        if self._bridge is not None:  # the spool writer's release of the rows kept (no lock)
+            self._bridge.wait_kept()
         if not items:
             return
         logger.error("commet: closing with %d operations undelivered", len(items))
