@@ -103,8 +103,9 @@ class SpoolBridge:
         """Hand ``item`` to the spool writer, claimed if there is room in memory, else spilled.
 
         Returns the group commit the request waits for before its response completes (None:
-        nothing to wait for, it was written here). No SQLite call: the writer commits, then
-        places the item (``_publish``).
+        nothing to wait for, it was written here). No SQLite call on an event loop or under the
+        queue's lock: the writer commits, then places the item (``_publish``); only a thread
+        without a loop may commit its own group when the writer is idle.
         """
         state = self._state
         quota = isinstance(item.operation, QuotaChange)
@@ -122,7 +123,8 @@ class SpoolBridge:
         except Exception:
             # Stored without bytes: the worker encodes it again and dead-letters it if it fails.
             logger.exception("commet: could not encode %s", describe(item.operation))
-        return self.writer.submit(item, room=room)
+        # A thread without an event loop may commit a group of its own (see SpoolWriter.submit).
+        return self.writer.submit(item, room=room, may_lead=running_loop() is None)
 
     def _publish(
         self,

@@ -130,6 +130,9 @@ class SpoolWriter:
     that is about to be placed.
     """
 
+    # False: every group goes through the thread (the tests that hold a commit use it).
+    leads = True
+
     def __init__(self, spool: Spool, dialect: str, publish: Publish) -> None:
         self._spool = spool
         self._dialect = dialect
@@ -143,7 +146,8 @@ class SpoolWriter:
         self._work = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
         self._open = GroupCommit(self._lock)
-        self._committing = False
+        # Groups being committed: by the thread, or by a caller that leads (see ``submit``).
+        self._committing = 0
         self._thread: threading.Thread | None = None
         # Held by the thread while it commits and places a group; a fork takes it in between.
         self._busy = threading.Lock()
@@ -162,12 +166,22 @@ class SpoolWriter:
         open_group = self._open
         return not (self._committing or open_group.entries or open_group.releases)
 
-    def submit(self, item: Item, *, room: bool) -> GroupCommit | None:
+    def submit(self, item: Item, *, room: bool, may_lead: bool = False) -> GroupCommit | None:
         """Queue ``item`` for the next group (``room``: claimed for this process, placed in the
-        queue once committed); return that group. None if no writer thread can run (interpreter
-        shutdown): then the group was committed here, before returning."""
+        queue once committed); return that group.
+
+        None: the group was committed here, before returning. That happens when no writer
+        thread can run (interpreter shutdown), and when ``may_lead`` (a thread with no event
+        loop: a WSGI worker, which would wait for the commit anyway) finds the writer idle: the
+        caller then commits its own group of one instead of waking the writer and waiting for
+        it, since two thread hand-offs cost a one-thread worker more than the commit itself
+        (``bench/spool_cost.py``); operations arriving meanwhile gather for the writer.
+        """
         with self._lock:
-            if self._ensure_thread():
+            lead = may_lead and self.leads and self.idle
+            if lead:
+                self._committing += 1
+            elif self._ensure_thread():
                 group = self._open
                 group.entries.append((item, room))
                 if len(group.entries) == 1:
@@ -175,7 +189,16 @@ class SpoolWriter:
                 return group
         group = GroupCommit(threading.Lock())
         group.entries.append((item, room))
-        self._commit(group)
+        if not lead:
+            self._commit(group)
+            return None
+        try:
+            with self._busy:
+                self._commit(group)
+        finally:
+            with self._lock:
+                self._committing -= 1
+                self._idle.notify_all()
         return None
 
     def release(self, row_ids: list[int]) -> GroupCommit | None:
@@ -218,13 +241,13 @@ class SpoolWriter:
                     self._work.wait()
                 group = self._open
                 self._open = GroupCommit(lock)
-                self._committing = True
+                self._committing += 1
             try:
                 with self._busy:
                     self._commit(group)
             finally:
                 with lock:
-                    self._committing = False
+                    self._committing -= 1
                     self._idle.notify_all()
 
     def _commit(self, group: GroupCommit) -> None:

@@ -22,9 +22,9 @@ import pytest
 from commet_middleware import CommetMiddleware, CommetWSGIMiddleware
 from commet_middleware._spool import NewRow, Spool
 from commet_middleware.customers import from_header
-from commet_middleware.delivery import _spool_writer
+from commet_middleware.delivery import DeliveryQueue, _spool_writer
 
-from .conftest import QueueFactory, RecordingSender, event, rows
+from .conftest import QueueFactory, RecordingSender, enqueue_committed, event, rows
 
 WORKER = str(Path(__file__).with_name("worker.py"))
 BOUND = 10.0  # seconds; only a bound on a wait that ends much sooner when things work
@@ -46,7 +46,33 @@ class GatedSpool(Spool):
         return super().add_many(entries)
 
 
+def through_the_writer(queue: DeliveryQueue) -> DeliveryQueue:
+    """``queue``, whose spool groups all go through its writer thread, as on an event loop."""
+    assert queue._bridge is not None
+    queue._bridge.writer.leads = False
+    return queue
+
+
 # -- in-process: who waits for what ---------------------------------------------------------
+
+
+def test_a_thread_without_a_loop_commits_alone_when_the_writer_is_idle(
+    make_queue: QueueFactory, sender: RecordingSender, spool_path: Path
+) -> None:
+    """A WSGI-like thread finding the writer idle commits its own group: done when enqueue
+    returns, nothing to wait for."""
+    sender.gate.clear()
+    queue = make_queue()
+    assert queue.enqueue(event("k1")) is None
+    assert [key for key, _ in rows(spool_path)] == ["k1"]
+
+    async def on_a_loop() -> object:
+        return queue.enqueue(event("k2"))
+
+    commit = asyncio.run(on_a_loop())  # never on an event loop: the writer commits it
+    assert isinstance(commit, _spool_writer.GroupCommit)
+    assert commit.wait(BOUND)
+    assert [key for key, _ in rows(spool_path)] == ["k1", "k2"]
 
 
 def test_operations_that_gather_while_a_commit_runs_share_the_next_one(
@@ -55,7 +81,7 @@ def test_operations_that_gather_while_a_commit_runs_share_the_next_one(
     """While one group commits, the next operations join one open group: two commits for 11."""
     sender.gate.clear()
     spool = GatedSpool(spool_path)
-    queue = make_queue(spool=spool)
+    queue = through_the_writer(make_queue(spool=spool))
     first = queue.enqueue(event("k0"))
     assert spool.entered.wait(BOUND)
     later = [queue.enqueue(event(f"k{n}")) for n in range(1, 11)]
@@ -73,7 +99,7 @@ def test_nothing_reaches_the_sender_before_its_commit(
 ) -> None:
     """The writer places an operation in the queue only after its row is committed."""
     spool = GatedSpool(spool_path)
-    queue = make_queue(spool=spool)
+    queue = through_the_writer(make_queue(spool=spool))
     queue.start()
     commit = queue.enqueue(event("k1"))
     assert spool.entered.wait(BOUND)
@@ -92,7 +118,7 @@ def test_one_wake_up_per_loop_per_group(
 ) -> None:
     """Twenty requests of one loop awaiting one group commit cost the writer one loop call."""
     spool = GatedSpool(spool_path)
-    queue = make_queue(spool=spool)
+    queue = through_the_writer(make_queue(spool=spool))
     woken: list[object] = []
 
     async def main() -> None:
@@ -130,11 +156,12 @@ def _asgi_app() -> Any:
 
 
 def test_asgi_holds_the_completing_message_until_the_commit(
-    make_queue: QueueFactory, spool_path: Path
+    make_queue: QueueFactory, sender: RecordingSender, spool_path: Path
 ) -> None:
     """The ASGI middleware forwards the last body message only once the group is committed."""
+    sender.gate.clear()  # the row stays until we looked
     spool = GatedSpool(spool_path)
-    queue = make_queue(spool=spool)
+    queue = through_the_writer(make_queue(spool=spool))
     app = CommetMiddleware(
         _asgi_app(), meter="api_calls", customer=from_header("X-Customer-Id"), sink=queue
     )
@@ -169,11 +196,12 @@ def test_asgi_holds_the_completing_message_until_the_commit(
 
 
 def test_wsgi_holds_the_last_chunk_until_the_commit(
-    make_queue: QueueFactory, spool_path: Path
+    make_queue: QueueFactory, sender: RecordingSender, spool_path: Path
 ) -> None:
     """The WSGI middleware hands the server its last chunk only once the group is committed."""
+    sender.gate.clear()  # the row stays until we looked
     spool = GatedSpool(spool_path)
-    queue = make_queue(spool=spool)
+    queue = through_the_writer(make_queue(spool=spool))
 
     def hello(environ: Any, start_response: Any) -> list[bytes]:
         start_response("200 OK", [("Content-Length", "5")])
@@ -218,10 +246,7 @@ def test_rows_kept_at_close_are_released_outside_the_queue_lock(
             return super().release(row_ids)
 
     queue = make_queue(spool=LockCheckingSpool(spool_path))
-    for n in range(3):
-        commit = queue.enqueue(event(f"k{n}"))
-        assert commit is not None
-        assert commit.wait(BOUND)
+    enqueue_committed(queue, *(event(f"k{n}") for n in range(3)))
     assert queue.close(0.1) is False
     assert holders == [True]
     assert Spool(spool_path).stats().pending == 3  # released: claimable at once
@@ -234,7 +259,7 @@ def test_a_forked_child_starts_a_writer_of_its_own(
 ) -> None:
     """A child never inherits the parent's writer thread; it commits with one of its own."""
     sender.gate.clear()
-    queue = make_queue()
+    queue = through_the_writer(make_queue())
     commit = queue.enqueue(event("parent-0"))
     assert commit is not None
     assert commit.wait(BOUND)
@@ -245,7 +270,8 @@ def test_a_forked_child_starts_a_writer_of_its_own(
         try:
             os.close(read_end)
             inherited = [t.name for t in threading.enumerate() if "spool-writer" in t.name]
-            child = queue.enqueue(event("child-0"))
+            queue.start()  # the child's queue starts afresh, with a writer of its own
+            child = through_the_writer(queue).enqueue(event("child-0"))
             report = {
                 "inherited": inherited,
                 "durable": child is not None and child.wait(BOUND) and child.durable,

@@ -45,6 +45,8 @@ def test_spooled_once_the_commit_enqueue_returned_is_done(
     """When the commit enqueue returned is done, the operation and its bytes are in the file."""
     sender.gate.clear()
     queue = make_queue()
+    assert queue._bridge is not None
+    queue._bridge.writer.leads = False  # through the writer thread, as on an event loop
     operation = event("k1")
     commit = queue.enqueue(operation)
     assert commit is not None
@@ -283,6 +285,8 @@ def test_an_unwritable_spool_keeps_the_event_in_memory(
     """If the spool cannot be written, the waiter is released, an error logged, and the event
     delivered from memory."""
     queue = make_queue(spool_path=str(tmp_path / "missing-dir" / "spool.sqlite3"))
+    assert queue._bridge is not None
+    queue._bridge.writer.leads = False  # through the writer thread, as on an event loop
     commit = queue.enqueue(event("k1"))
     assert commit is not None
     assert commit.wait(10)
