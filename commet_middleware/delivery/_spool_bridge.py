@@ -96,8 +96,8 @@ class SpoolBridge:
         self._spill_seq = 0
         self._spills_writing = 0
         self.writer = SpoolWriter(spool, settings.dialect, self._publish)
-        # The release of the rows ``keep`` gave back at the last close, done by the writer.
-        self._kept: GroupCommit | None = None
+        # The rows ``keep`` gave back at a close, for the writer to release (``wait_kept``).
+        self._kept: list[int] = []
 
     def enqueue(self, item: Item) -> GroupCommit | None:
         """Hand ``item`` to the spool writer, claimed if there is room in memory, else spilled.
@@ -299,13 +299,13 @@ class SpoolBridge:
     def keep(self, items: list[Item]) -> list[Item]:
         """Give back the spool rows among ``items`` (lock held); return the memory-only rest.
 
-        The rows are released by the writer (no SQLite call under the queue's lock);
-        :meth:`wait_kept` waits for it.
+        The rows are released by the writer once the worker has stopped (no SQLite call under
+        the queue's lock, and no claim of ours can take them back): see :meth:`wait_kept`.
         """
         spooled = [item.row_id for item in items if item.row_id is not None]
         if not spooled:
             return items
-        self._kept = self.writer.release(spooled)
+        self._kept.extend(spooled)
         logger.warning(
             "commet: closing with %d operations undelivered; they stay in the spool %s",
             len(spooled),
@@ -314,12 +314,18 @@ class SpoolBridge:
         return [item for item in items if item.row_id is None]
 
     def wait_kept(self) -> None:
-        """After a close (queue lock not held): wait until the rows ``keep`` gave back are
-        released, so the next process can claim them at once. Not on an event loop: there the
-        writer releases them in its own time."""
-        kept, self._kept = self._kept, None
-        if kept is not None and running_loop() is None:
-            kept.wait(_KEEP_WAIT)
+        """After a close (queue lock not held, worker stopped): have the writer release the rows
+        ``keep`` gave back and wait for it, so the next process can claim them at once.
+
+        On an event loop too (``aclose``, at lifespan shutdown): a server's worker process may
+        end with ``os._exit`` right after it (uvicorn's and gunicorn's do), with no exit hook
+        to wait for the writer, and the loop has no request left to serve.
+        """
+        kept, self._kept = self._kept, []
+        if kept:
+            release = self.writer.release(kept)
+            if release is not None:
+                release.wait(_KEEP_WAIT)
 
     def drained(self) -> bool:
         """True if the spool has no row waiting to be claimed."""

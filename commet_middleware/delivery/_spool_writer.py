@@ -251,8 +251,13 @@ class SpoolWriter:
                     self._idle.notify_all()
 
     def _commit(self, group: GroupCommit) -> None:
-        """Write ``group``, place its items, release its waiters, then give back its releases."""
+        """Give back ``group``'s releases, write its operations, place them, release its waiters."""
         entries, dialect = group.entries, self._dialect
+        if group.releases:  # before the group is resolved: a close waits for them
+            try:
+                self._spool.release(group.releases)
+            except Exception:
+                logger.exception("commet: could not release spool rows; they wait out their lease")
         follow_up: Any = None
         row_ids: list[int] | None = None
         error: BaseException | None = None
@@ -274,11 +279,6 @@ class SpoolWriter:
             row_ids = None
         finally:
             group.resolve(durable=row_ids is not None)
-        if group.releases:
-            try:
-                self._spool.release(group.releases)
-            except Exception:
-                logger.exception("commet: could not release spool rows; they wait out their lease")
         if follow_up is not None:
             try:
                 follow_up()
