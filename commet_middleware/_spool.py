@@ -61,6 +61,8 @@ __all__ = [
 
 DEFAULT_LEASE_SECONDS = 30.0
 _BUSY_TIMEOUT_MS = 5_000
+# Rows per INSERT statement: 8 parameters each, under SQLite's oldest limit of 999 parameters.
+_ROWS_PER_INSERT = 120
 # Bumped in a forked child: a spool notices it was inherited without a getpid() system call
 # on every enqueue.
 _fork_generation = 0
@@ -327,6 +329,8 @@ class Spool:
         process. All or nothing: raises ``sqlite3.Error`` (or ``OSError``) and writes no row if
         the transaction failed.
         """
+        if not entries:
+            return []
         now = time.time()
         owner, lease_until = self.owner, now + self.lease_seconds
         rows = [
@@ -347,18 +351,31 @@ class Spool:
             conn = handle.conn
             if conn is None:
                 conn = handle.conn = self._open("request")
-            row_ids: list[int] = []
-            with _transaction(conn):
-                for row in rows:
-                    cursor = conn.execute(
-                        "INSERT INTO pending (idempotency_key, kind, operation, dialect, body,"
-                        " created_at, claimed_by, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        row,
-                    )
-                    row_id = cursor.lastrowid
-                    assert row_id is not None
-                    row_ids.append(row_id)
-        return row_ids
+            if len(rows) <= _ROWS_PER_INSERT:
+                # One statement is its own transaction: one SQLite call, so the writer thread
+                # gives the GIL up and takes it back once per group, not once per row (taking it
+                # back from a busy event loop can wait a whole switch interval).
+                last = self._insert(conn, rows)
+            else:
+                with _transaction(conn):
+                    for start in range(0, len(rows), _ROWS_PER_INSERT):
+                        last = self._insert(conn, rows[start : start + _ROWS_PER_INSERT])
+        # One writer at a time (the write lock) and AUTOINCREMENT: the ids are consecutive.
+        return list(range(last - len(rows) + 1, last + 1))
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> int:
+        """Insert ``rows`` with one statement; return the last row id."""
+        values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(rows))
+        cursor = conn.execute(
+            # Only placeholders are formatted into the statement.
+            "INSERT INTO pending (idempotency_key, kind, operation, dialect, body, created_at,"  # noqa: S608
+            f" claimed_by, lease_until) VALUES {values}",
+            [field for row in rows for field in row],
+        )
+        last = cursor.lastrowid
+        assert last is not None
+        return last
 
     # -- the sender ------------------------------------------------------------------------
 

@@ -367,3 +367,16 @@ def test_a_kill_in_the_middle_of_a_group_loses_only_unanswered_requests(
     assert answered  # four groups were committed and answered before the kill
     assert set(answered) <= spooled
     assert len(spooled) < len(customers)  # the fifth group and everything after it
+
+
+@pytest.mark.parametrize("count", [1, 120, 300])
+def test_add_many_returns_each_rows_id(spool_path: Path, count: int) -> None:
+    """A group's rows get the ids add_many returns, in order, in one statement or several."""
+    spool = Spool(spool_path)
+    spool.add(event("before"), "v1", b"{}", claim=False)
+    operations = [event(f"k{n}") for n in range(count)]
+    ids = spool.add_many([(op, "v1", b"{}", n % 2 == 0) for n, op in enumerate(operations)])
+    with sqlite3.connect(spool_path) as conn:
+        stored = dict(conn.execute("SELECT idempotency_key, id FROM pending"))
+    assert ids == [stored[op.idempotency_key] for op in operations]
+    assert len(set(ids)) == count
