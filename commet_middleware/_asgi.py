@@ -581,6 +581,8 @@ class _HTTPCall:
                 # Settle (spool) before the message that lets the client have the whole
                 # response: a crash after this loses nothing; a send that fails now still bills.
                 self._complete(billable=True)
+                if self.ctx.commits:  # the spool's group commit of what it enqueued
+                    await self.ctx.committed()
             else:
                 settle_after = True  # releases reservations once the response is out
         try:

@@ -13,7 +13,7 @@ import fnmatch
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -43,6 +43,7 @@ __all__ = [
     "MeterSpec",
     "MeteringRules",
     "MeteringStats",
+    "PendingCommit",
     "PendingQuota",
     "PendingUsage",
     "Refusal",
@@ -58,12 +59,33 @@ __all__ = [
 
 logger = logging.getLogger("commet_middleware")
 
+# How long a WSGI request waits for its spool commit: well past SQLite's busy timeout (5 s),
+# after which the writer gives up and keeps the operation in memory anyway.
+COMMIT_WAIT_TIMEOUT = 30.0
+
+
+class PendingCommit(Protocol):
+    """What a sink may hand back: a write that becomes durable (or is given up) a little later.
+
+    The delivery queue with a spool returns its spool group's commit; the middleware waits for
+    it before the response completes, so a crash after the response loses nothing.
+    """
+
+    def wait(self, timeout: float | None = None, /) -> bool:
+        """Block the calling thread until it is done; False if ``timeout`` ran out."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        """Wait for it on the running event loop."""
+
 
 class EventSink(Protocol):
     """Where finished billable operations go: the delivery queue, or a list in tests."""
 
-    def enqueue(self, operation: Operation, /) -> None:
-        """Accept one operation; must never raise and never block for long."""
+    def enqueue(self, operation: Operation, /) -> PendingCommit | None:
+        """Accept one operation; must never raise and never block for long.
+
+        May return a commit to wait for before the response completes (None: nothing to wait).
+        """
 
 
 class CustomerRequiredError(Exception):
@@ -210,6 +232,9 @@ class RequestContext:
     # The client's Idempotency-Key held by this request: kept as used when the request settles
     # billable, freed for a retry otherwise.
     idempotency: IdempotencyClaim | None = None
+    # The sink's commits of what this request enqueued (a spool's group commits), waited for
+    # before its response completes: empty on the class, replaced on the request that has any.
+    commits: tuple[PendingCommit, ...] = ()
 
     def __init__(
         self,
@@ -445,10 +470,12 @@ class RequestContext:
             )
             return
         try:
-            self.sink.enqueue(operation)
+            commit = self.sink.enqueue(operation)
         except Exception:
             logger.exception("commet: sink refused quota change %s", change.idempotency_key)
             return
+        if commit is not None:
+            self._note_commit(commit)
         if self.stats is not None:
             self.stats.add("quota_changes_enqueued")
 
@@ -472,13 +499,40 @@ class RequestContext:
 
     def _hand_over(self, event: UsageEvent) -> bool:
         try:
-            self.sink.enqueue(event)
+            commit = self.sink.enqueue(event)
         except Exception:
             # The contract says enqueue never raises; if a sink does, the request still succeeds.
             logger.exception("commet: sink refused usage event %s", event.idempotency_key)
             return False
+        if commit is not None:
+            self._note_commit(commit)
         if self.stats is not None:
             self.stats.add("events_enqueued")
+        return True
+
+    def _note_commit(self, commit: PendingCommit) -> None:
+        with self._lock:
+            if commit not in self.commits:  # operations of one request often share a group
+                self.commits = (*self.commits, commit)
+
+    async def committed(self) -> None:
+        """Wait on the running loop until what this request enqueued is durable (see
+        ``PendingCommit``); at once when nothing is pending."""
+        for commit in self.commits:
+            await commit
+
+    def wait_committed(self, timeout: float = COMMIT_WAIT_TIMEOUT) -> bool:
+        """Like :meth:`committed`, blocking the calling thread at most ``timeout`` seconds per
+        commit; False (and a WARNING) if one did not finish in time."""
+        for commit in self.commits:
+            if not commit.wait(timeout):
+                logger.warning(
+                    "commet: request %s: the spool write did not finish within %.0fs; "
+                    "answering anyway",
+                    self.request_id,
+                    timeout,
+                )
+                return False
         return True
 
 

@@ -371,6 +371,8 @@ class _WSGICall:
             ctx.settle_with_usage(self.feature)
         else:
             ctx.settle(billable=billable)
+        if ctx.commits:  # before the last chunk goes out: the spool's group commit
+            ctx.wait_committed()
 
     def _hook_file_wrapper(self, result: object) -> bool:
         if self.capture is not None:

@@ -55,6 +55,7 @@ from ._pump import BACKOFF_CAP, Pump, default_encoder, default_sender_factory
 from ._reporting import DeliveryReport
 from ._sealing import Sealer
 from ._spool_bridge import SpoolBridge
+from ._spool_writer import GroupCommit
 from ._state import QueueState
 from ._workers import Worker, WorkerSlot, running_loop
 
@@ -196,14 +197,16 @@ class DeliveryQueue:
 
     # -- the request path ------------------------------------------------------------------
 
-    def enqueue(self, operation: Operation) -> None:
-        """Accept ``operation`` for delivery; never raises, waits only as the overflow says."""
+    def enqueue(self, operation: Operation) -> GroupCommit | None:
+        """Accept ``operation`` for delivery; never raises, waits only as the overflow says.
+
+        With a spool, returns the commit to wait for before the response completes.
+        """
         try:
             if self._generation != _process.fork_generation:
                 self._reset_after_fork()
             if self._bridge is not None:
-                self._bridge.enqueue(Item(operation))
-                return
+                return self._bridge.enqueue(Item(operation))
             state = self._state
             with state.lock:
                 # A usage event is never refused when it can fold: it joins its group's waiting
@@ -225,6 +228,7 @@ class DeliveryQueue:
                 self._slot.nudge(worker, wake)
         except Exception:
             logger.exception("commet: could not enqueue %s; the request is unaffected", operation)
+        return None
 
     def _overflow(self, item: Item) -> None:
         policy = self.settings.overflow
@@ -494,6 +498,8 @@ class DeliveryQueue:
         Commet may have recorded them, and their keys make a resend safe. Never sent: Commet
         has nothing of them.
         """
+        if self._bridge is not None:  # the spool writer's release of the rows kept (no lock)
+            self._bridge.wait_kept()
         if not items:
             return
         tried = [item for item in items if item.attempts or item in self._unanswered]

@@ -1,21 +1,25 @@
 """Everything a queue does with its spool: spilling into it, claiming from it, settling rows.
 
 Durable spool (``settings.spool_path``): every operation is written to a SQLite file (see
-``_spool``) before ``enqueue`` returns, and removed only once Commet accepted it (or answered
-``duplicate``); a non-retryable refusal moves it to the spool's ``dead_letter`` table. The
-in-memory queue is then only a window of at most ``queue_limit`` operations this process has
-claimed: past it an operation is spooled unclaimed (whatever the overflow policy: it is already
-durable), and the worker claims spooled rows as room frees, including rows an earlier or crashed
-process left (replay). Rows this process holds carry a lease it renews; ``close`` gives back what
-it could not deliver, which stays in the spool for the next process. If the spool cannot be
-written, enqueue logs an ERROR and keeps the operation in memory as without a spool.
+``_spool``) and removed only once Commet accepted it (or answered ``duplicate``); a
+non-retryable refusal moves it to the spool's ``dead_letter`` table. ``enqueue`` does not write
+it: it hands it to the queue's spool writer (``_spool_writer``), which commits operations in
+groups and then places them, and returns the group's commit, which the request waits for before
+its response completes. The in-memory queue is then only a window of at most ``queue_limit``
+operations this process has claimed: past it an operation is spooled unclaimed (whatever the
+overflow policy: it is already durable), and the worker claims spooled rows as room frees,
+including rows an earlier or crashed process left (replay). Rows this process holds carry a
+lease it renews; ``close`` gives back what it could not deliver, which stays in the spool for
+the next process. If the spool cannot be written, the writer logs an ERROR and keeps the group
+in memory as without a spool.
 
 Order: spooled rows are claimed oldest first, and once a quota change has spilled to the spool,
 later ones spill too until the worker has claimed the backlog, so none can pass it in memory;
 claimed rows join the tail of the queue, so none passes a change that was placed in memory before
 it spilled.
 
-No SQLite call runs on an app's event loop (``spool_call``).
+No SQLite call runs on an app's event loop (``spool_call``, the writer's thread) nor under the
+queue's lock (``keep`` has the writer release the rows).
 """
 
 from __future__ import annotations
@@ -31,13 +35,16 @@ from commet_middleware._settings import CommetSettings
 from commet_middleware._spool import Spool, SpoolRow
 
 from ._items import Encoder, Item, describe, redact
+from ._spool_writer import GroupCommit, SpoolWriter
 from ._state import QueueState
-from ._workers import Worker, WorkerSlot
+from ._workers import Worker, WorkerSlot, running_loop
 
 __all__ = ["SpoolBridge", "spool_call"]
 
 logger = logging.getLogger("commet_middleware.delivery")
 _T = TypeVar("_T")
+# How long a close waits for the writer to give back the rows it could not deliver.
+_KEEP_WAIT = 5.0
 
 
 async def spool_call(worker: Worker, fn: Callable[..., _T], *args: Any) -> _T:
@@ -88,10 +95,19 @@ class SpoolBridge:
         self._quota_spilling = False
         self._spill_seq = 0
         self._spills_writing = 0
+        self.writer = SpoolWriter(spool, settings.dialect, self._publish)
+        # The rows ``keep`` gave back at a close, for the writer to release (``wait_kept``).
+        self._kept: list[int] = []
 
-    def enqueue(self, item: Item) -> None:
-        """Write ``item`` to the spool, claimed if there is room in memory, else spilled."""
-        state, spool, dialect = self._state, self.spool, self._settings.dialect
+    def enqueue(self, item: Item) -> GroupCommit | None:
+        """Hand ``item`` to the spool writer, claimed if there is room in memory, else spilled.
+
+        Returns the group commit the request waits for before its response completes (None:
+        nothing to wait for, it was written here). No SQLite call on an event loop or under the
+        queue's lock: the writer commits, then places the item (``_publish``); only a thread
+        without a loop may commit its own group when the writer is idle.
+        """
+        state = self._state
         quota = isinstance(item.operation, QuotaChange)
         with state.lock:
             room = state.has_room() and not (quota and self._quota_spilling)
@@ -103,52 +119,77 @@ class SpoolBridge:
                 self._spill_seq += 1
                 self._spills_writing += 1
         try:
-            item.body = self._encoder(item.operation, dialect)
+            item.body = self._encoder(item.operation, self._settings.dialect)
         except Exception:
             # Stored without bytes: the worker encodes it again and dead-letters it if it fails.
             logger.exception("commet: could not encode %s", describe(item.operation))
-        try:
-            item.row_id = spool.add(item.operation, dialect, item.body, claim=room)
-        except Exception:
-            logger.exception(
-                "commet: could not write to the spool %s; keeping %s in memory only",
+        # A thread without an event loop may commit a group of its own (see SpoolWriter.submit).
+        return self.writer.submit(item, room=room, may_lead=running_loop() is None)
+
+    def _publish(
+        self,
+        entries: list[tuple[Item, bool]],
+        row_ids: list[int] | None,
+        error: BaseException | None,
+    ) -> Callable[[], None] | None:
+        """(Writer thread, after the group's commit.) Place the group's items: those with room
+        in the queue, the spilled ones counted; return what to do once its waiters are released.
+
+        If the commit failed, the items are kept in memory as without a spool, and those that
+        found no room go to the overflow policy (after the waiters are released: it may block).
+        """
+        state, spool = self._state, self.spool
+        if row_ids is None:
+            logger.error(
+                "commet: could not write to the spool %s; keeping %d operation(s) in memory "
+                "only (first: %s)",
                 spool.path,
-                describe(item.operation),
+                len(entries),
+                describe(entries[0][0].operation),
+                exc_info=error,
             )
-            if not room:
-                if quota:
-                    with state.lock:
-                        self._spills_writing -= 1
-                self._overflow(item)
-                return
-        if not room:
-            with state.lock:
-                if quota:
+        else:
+            for (item, _), row_id in zip(entries, row_ids, strict=True):
+                item.row_id = row_id
+        durable = row_ids is not None
+        overflow: list[Item] = []
+        wake = warn = False
+        with state.lock:
+            for item, room in entries:
+                if room:
+                    # A usage event's row is held by this process until the seal replaces it
+                    # (see _sealing); quota changes are not aggregated with a spool.
+                    wake |= self._place(item.operation, item)
+                    continue
+                if isinstance(item.operation, QuotaChange):
                     self._spills_writing -= 1
+                if not durable:
+                    overflow.append(item)
+                    continue
                 state.queued += 1
                 state.spilled += 1
+                wake |= state.idle
                 # Only a full queue warns; a quota change behind a spilled one is no news.
-                warn = not self._spill_warned and not state.has_room()
-                self._spill_warned |= warn
-                worker = state.worker
-                wake = state.idle
-                state.idle = False
-            if warn:
-                logger.warning(
-                    "commet: delivery queue full (limit %d); spilling operations to the spool %s",
-                    state.limit,
-                    spool.path,
-                )
-            self._slot.nudge(worker, wake)
-            return
-        with state.lock:
-            # A usage event's row is held by this process until the seal replaces it (see
-            # _sealing); quota changes are not aggregated with a spool.
-            wake = self._place(item.operation, item)
+                if not self._spill_warned and not state.has_room():
+                    self._spill_warned = warn = True
             if wake:
                 state.idle = False
             worker = state.worker
+        if warn:
+            logger.warning(
+                "commet: delivery queue full (limit %d); spilling operations to the spool %s",
+                state.limit,
+                spool.path,
+            )
         self._slot.nudge(worker, wake)
+        if not overflow:
+            return None
+
+        def overflow_all() -> None:
+            for item in overflow:
+                self._overflow(item)
+
+        return overflow_all
 
     def claim(self, worker: Worker, room: int) -> bool | None:
         """Claim up to ``room`` spooled rows onto the tail of the queue; True if any, None: stale.
@@ -167,28 +208,50 @@ class SpoolBridge:
             spills_settled = self._spills_writing == 0
         rows: list[SpoolRow] = []
         claimed = False
-        try:
-            rows = spool.claim(room)
-            claimed = True
-        except Exception:
-            logger.exception("commet: could not read the spool %s", spool.path)
-        items = [Item.from_row(row) for row in rows]
+        # Not while the writer commits and places a group: a row it committed unclaimed must not
+        # reach the queue ahead of an older operation of that group waiting to be placed.
+        with self.writer.publishing:
+            try:
+                rows = spool.claim(room)
+                claimed = True
+            except Exception:
+                logger.exception("commet: could not read the spool %s", spool.path)
+            items = [Item.from_row(row) for row in rows]
+            stale = self._queue_claimed(worker, room, items, claimed, spill_seq, spills_settled)
+        if stale:
+            with contextlib.suppress(Exception):
+                spool.release([item.row_id for item in items if item.row_id is not None])
+            return None
+        return bool(items)
+
+    def _queue_claimed(
+        self,
+        worker: Worker,
+        room: int,
+        items: list[Item],
+        claimed: bool,
+        spill_seq: int,
+        spills_settled: bool,
+    ) -> bool:
+        """Queue the claimed ``items`` behind what the queue holds; True if ``worker`` is stale."""
+        state = self._state
         with state.lock:
             stale = not state.is_current(worker)
             state.pending -= room if stale else room - len(items)
             if not stale:
-                if claimed and len(rows) < room and spills_settled and self._spill_seq == spill_seq:
+                if (
+                    claimed
+                    and len(items) < room
+                    and spills_settled
+                    and self._spill_seq == spill_seq
+                ):
                     # Every quota change spilled so far is claimed now (rows come oldest first).
                     self._quota_spilling = False
                 state.queue.extend(items)
                 if items:
                     state.idle = False
             state.cond.notify_all()
-        if stale:
-            with contextlib.suppress(Exception):
-                spool.release([item.row_id for item in items if item.row_id is not None])
-            return None
-        return bool(items)
+        return stale
 
     async def settle(self, worker: Worker, item: Item, failure: Exception | None) -> None:
         """Remove an accepted operation's spool row, or move a refused one to dead_letter."""
@@ -234,14 +297,15 @@ class SpoolBridge:
             await asyncio.sleep(interval)
 
     def keep(self, items: list[Item]) -> list[Item]:
-        """Give back the spool rows among ``items``; return the memory-only rest."""
+        """Give back the spool rows among ``items``; return the memory-only rest.
+
+        The rows are released by the writer once the worker has stopped (no SQLite call under
+        the queue's lock, and no claim of ours can take them back): see :meth:`wait_kept`.
+        """
         spooled = [row for item in items for row in item.spool_rows()]
         if not spooled:
             return items
-        try:
-            self.spool.release(spooled)
-        except Exception:
-            logger.exception("commet: could not release spool rows; they wait out their lease")
+        self._kept.extend(spooled)
         logger.warning(
             "commet: closing with %d operations undelivered; they stay in the spool %s",
             len(spooled),
@@ -249,9 +313,25 @@ class SpoolBridge:
         )
         return [item for item in items if not item.spool_rows()]
 
+    def wait_kept(self) -> None:
+        """After a close (queue lock not held, worker stopped): have the writer release the rows
+        ``keep`` gave back and wait for it, so the next process can claim them at once.
+
+        On an event loop too (``aclose``, at lifespan shutdown): a server's worker process may
+        end with ``os._exit`` right after it (uvicorn's and gunicorn's do), with no exit hook
+        to wait for the writer, and the loop has no request left to serve.
+        """
+        kept, self._kept = self._kept, []
+        if kept:
+            release = self.writer.release(kept)
+            if release is not None:
+                release.wait(_KEEP_WAIT)
+
     def drained(self) -> bool:
         """True if the spool has no row waiting to be claimed."""
         spool = self.spool
+        if not self.writer.idle:
+            return False  # its rows are not all in the file yet
         try:
             # Rows a dead process of this host held are ours to deliver now, not after the lease.
             spool.reclaim_dead_owners()

@@ -61,6 +61,14 @@ def event(key: str, customer: str = "cus_1") -> UsageEvent:
     return UsageEvent.create(customer, "api_calls", 1, idempotency_key=key)
 
 
+def enqueue_committed(queue: DeliveryQueue, *operations: Operation) -> None:
+    """Enqueue ``operations`` and wait for the spool commits ``enqueue`` hands back (None: the
+    calling thread committed it itself)."""
+    commits = [queue.enqueue(operation) for operation in operations]
+    for commit in commits:
+        assert commit is None or commit.wait(10)
+
+
 def rows(path: Path, table: str = "pending") -> list[tuple[str, bytes | None]]:
     """(idempotency key, body) of every row of ``table``, read over a connection of our own."""
     with sqlite3.connect(path) as conn:

@@ -14,7 +14,15 @@ from commet_middleware import CommetAPIError, CommetTransportError
 from commet_middleware._spool import Spool, operation_from_json, operation_to_json
 from commet_middleware._spool_cli import main as spool_main
 
-from .conftest import DeadLetters, QueueFactory, RecordingSender, encode, event, rows
+from .conftest import (
+    DeadLetters,
+    QueueFactory,
+    RecordingSender,
+    encode,
+    enqueue_committed,
+    event,
+    rows,
+)
 
 WORKER = str(Path(__file__).with_name("worker.py"))
 
@@ -31,14 +39,19 @@ def test_operation_survives_the_json_round_trip() -> None:
     assert operation_from_json(operation_to_json(quota)) == quota
 
 
-def test_spooled_before_enqueue_returns(
+def test_spooled_once_the_commit_enqueue_returned_is_done(
     make_queue: QueueFactory, sender: RecordingSender, spool_path: Path
 ) -> None:
-    """When enqueue returns, the operation and its encoded bytes are committed in the file."""
+    """When the commit enqueue returned is done, the operation and its bytes are in the file."""
     sender.gate.clear()
     queue = make_queue()
+    assert queue._bridge is not None
+    queue._bridge.writer.leads = False  # through the writer thread, as on an event loop
     operation = event("k1")
-    queue.enqueue(operation)
+    commit = queue.enqueue(operation)
+    assert commit is not None
+    assert commit.wait(10)
+    assert commit.durable
     assert rows(spool_path) == [("k1", encode(operation, "v1"))]
 
 
@@ -236,7 +249,7 @@ def test_memory_stays_bounded_while_the_spool_grows(
     sender.gate.clear()
     queue = make_queue(queue_limit=5, overflow="block")
     for i in range(200):
-        queue.enqueue(event(f"k{i}"))
+        enqueue_committed(queue, event(f"k{i}"))
         assert queue.stats().pending <= 5
     assert len(rows(spool_path)) == 200
     assert queue.stats().dropped == 0
@@ -269,11 +282,17 @@ def test_an_unwritable_spool_keeps_the_event_in_memory(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """If the spool cannot be written, enqueue logs an error and still delivers from memory."""
+    """If the spool cannot be written, the waiter is released, an error logged, and the event
+    delivered from memory."""
     # A missing directory would be created (0700): a file where the directory should be is not.
     (tmp_path / "not-a-dir").write_text("")
     queue = make_queue(spool_path=str(tmp_path / "not-a-dir" / "spool.sqlite3"))
-    queue.enqueue(event("k1"))
+    assert queue._bridge is not None
+    queue._bridge.writer.leads = False  # through the writer thread, as on an event loop
+    commit = queue.enqueue(event("k1"))
+    assert commit is not None
+    assert commit.wait(10)
+    assert not commit.durable
     assert queue.flush(5)
     assert sender.delivered == ["k1"]
     assert "could not write to the spool" in caplog.text

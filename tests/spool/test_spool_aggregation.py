@@ -14,7 +14,7 @@ from commet_middleware._spool import Spool, SpoolSealError
 from commet_middleware.delivery import DeliveryQueue
 from commet_middleware.delivery._aggregation import aggregate_events, aggregate_key
 
-from .conftest import QueueFactory, RecordingSender, encode, rows
+from .conftest import QueueFactory, RecordingSender, encode, enqueue_committed, rows
 
 LONG_WINDOW = 1000.0
 CUSTOMERS = ("cus_a", "cus_b")
@@ -57,14 +57,13 @@ def crash(queue: DeliveryQueue, spool: Spool) -> None:
     spool.release()
 
 
-def test_members_are_spooled_before_enqueue_returns(
+def test_members_are_spooled_once_their_commit_is_done(
     make_queue: QueueFactory, sender: RecordingSender, spool_path: Path
 ) -> None:
-    """With aggregation on, every member is still committed to the file before enqueue returns."""
+    """With aggregation on, every member is committed to the file when its commit is done."""
     queue = make_queue(aggregate_window=LONG_WINDOW)
     events = members("cus_a", 3)
-    for operation in events:
-        queue.enqueue(operation)
+    enqueue_committed(queue, *events)
     assert rows(spool_path) == [(op.idempotency_key, encode(op, "v1")) for op in events]
     assert sender.attempts == []
 
@@ -76,8 +75,7 @@ def test_seal_replaces_the_members_by_one_aggregate_row(
     sender.gate.clear()
     queue = make_queue(aggregate_window=LONG_WINDOW)
     events = members("cus_a")
-    for operation in events:
-        queue.enqueue(operation)
+    enqueue_committed(queue, *events)
     queue.seal_now()
     aggregate = aggregate_events(events)
     assert rows(spool_path) == [(aggregate.idempotency_key, encode(aggregate, "v1"))]
@@ -94,8 +92,7 @@ def test_crash_before_seal_replays_the_members(
     spool = Spool(spool_path)
     first = crashed_queue(make_queue, spool)
     for customer in CUSTOMERS:
-        for operation in members(customer):
-            first.enqueue(operation)
+        enqueue_committed(first, *members(customer))
     crash(first, spool)
     second = make_queue(aggregate_window=LONG_WINDOW)
     accepted = recorder(second)
@@ -114,8 +111,7 @@ def test_crash_after_seal_replays_the_aggregate_once(
     spool = Spool(spool_path)
     first = crashed_queue(make_queue, spool)
     for customer in CUSTOMERS:
-        for operation in members(customer):
-            first.enqueue(operation)
+        enqueue_committed(first, *members(customer))
     first.seal_now()
     crash(first, spool)
     second = make_queue(aggregate_window=LONG_WINDOW)
@@ -154,8 +150,7 @@ def test_a_failed_seal_sends_the_members_one_by_one(
     queue = make_queue(aggregate_window=LONG_WINDOW)
     accepted = recorder(queue)
     events = members("cus_a", 3)
-    for operation in events:
-        queue.enqueue(operation)
+    enqueue_committed(queue, *events)
     with sqlite3.connect(spool_path) as conn:
         conn.execute(
             "UPDATE pending SET claimed_by = 'elsewhere' WHERE idempotency_key = 'cus_a-2'"
