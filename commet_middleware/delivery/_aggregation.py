@@ -20,7 +20,7 @@ it reaches ``MAX_AGGREGATE_MEMBERS``, or at once by a flush or ``seal_now``. Sea
 sender's side (or in a flush); ``enqueue`` only appends to a list (O(1)), except that a quota
 remove or set seals its key's open add group (in memory) before it is queued.
 
-With a spool, every member is still written before ``enqueue`` returns; sealing replaces the
+With a spool, every member is still committed before its response completes; sealing replaces the
 member rows by one aggregate row (its key and encoded body) in one transaction, so a crash leaves
 either the members (never sent: replayed singly, each with its own key) or the aggregate (replayed
 byte for byte, same key), never both. Only members this process wrote and holds are aggregated;

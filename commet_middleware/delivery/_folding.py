@@ -23,7 +23,7 @@ of the key closes the key's open fold before it is queued, so it can never be ov
 members are kept (``parts``, at most ``MAX_QUOTA_FOLD_MEMBERS``): if Commet refuses the folded
 add for good, it applied nothing, and the pump sends them one by one (``Pump._split``).
 
-With a spool every member is still written before ``enqueue`` returns; sealing a usage fold of
+With a spool every member is still committed before its response completes; sealing a fold of
 several replaces their rows by the aggregate's row in one transaction (``Spool.seal_aggregate``),
 run by the sender off any event loop and outside the queue lock. If that swap is refused (a lease
 ran out), the member rows are given back to the spool and replayed one by one, with their keys.

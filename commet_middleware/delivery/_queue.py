@@ -363,7 +363,9 @@ class DeliveryQueue:
                         await asyncio.to_thread(self.seal_now)
                 now = time.monotonic()
                 if not state.pending and now >= next_spool_check:
-                    if self._spool_drained() and not state.pending:
+                    # A spool read runs in a thread: this loop may be the app's.
+                    drained = self._bridge is None or await asyncio.to_thread(self._spool_drained)
+                    if drained and not state.pending:
                         return True
                     next_spool_check = now + _SPOOL_FLUSH_POLL
                     worker = state.worker
