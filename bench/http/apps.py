@@ -351,7 +351,7 @@ CASES: dict[str, Case] = {
         decorate=quota_guard(QUOTA_FEATURE),
         expects="quota_added",
     ),
-    "spool_on": Case(install=_spool_on, expects="commet_events"),
+    "spool_on": Case(install=_spool_on, expects="usage_total"),
     "spool_on_agg": Case(install=_spool_on_agg, expects="usage_total"),
     "floor": Case(install=_floor),
     # The middleware taken apart (see bench/request_path.py): the wrapper alone, then with the
