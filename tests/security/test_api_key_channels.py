@@ -31,8 +31,8 @@ from commet_middleware._spool import Spool
 from commet_middleware.customers import from_header
 from commet_middleware.testing import FakeCommet
 
-SECRET = "ck_live_5e3f9a2c7b1d4e6f8a0c2e4b6d8f1a3c"
-WRONG = "ck_live_0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a"
+SECRET = "ck_test_secret_5e3f9a2c7b1d4e6f"
+WRONG = "ck_test_wrong_0d9e8f7a6b5c4d3e"
 KEYS = (SECRET, WRONG)
 
 

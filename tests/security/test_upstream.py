@@ -13,7 +13,7 @@ import pytest
 
 from commet_middleware import CommetClient, CommetError
 
-SECRET = "ck_live_5e3f9a2c7b1d4e6f8a0c2e4b6d8f1a3c"
+SECRET = "ck_test_secret_5e3f9a2c7b1d4e6f"
 
 
 def _failure_text(error: BaseException) -> str:
