@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from ._asgi import CommetMiddleware
 from ._client import AsyncCommetClient, CommetClient
-from ._context import commet_context, current_customer, set_customer
 from ._errors import CommetAPIError, CommetError, CommetTransportError
 from ._guard import quota_guard, quota_release
 from ._metered import metered, track
@@ -12,8 +10,9 @@ from ._models import QuotaChange, UsageEvent
 from ._results import QuotaAllowance, QuotaChangeResult, TrackResult
 from ._settings import CommetSettings
 from ._startup import CommetStartupError
-from ._wsgi import CommetWSGIMiddleware
+from .billing import commet_context, current_customer, set_customer
 from .delivery import aflush, flush
+from .middleware import CommetMiddleware, CommetWSGIMiddleware
 
 __all__ = [
     "AsyncCommetClient",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CommetAPIError", "CommetError", "CommetTransportError"]
+__all__ = ["CommetAPIError", "CommetError", "CommetTransportError", "CustomerRequiredError"]
 
 
 class CommetError(Exception):
@@ -76,3 +76,7 @@ class CommetTransportError(CommetError):
     """Commet could not be reached or did not answer in time; always safe to retry."""
 
     retryable = True
+
+
+class CustomerRequiredError(Exception):
+    """A billable operation was about to happen and nobody said which customer pays for it."""

@@ -10,14 +10,9 @@ from typing import Any, ParamSpec, TypeAlias, TypeVar, cast
 
 import wrapt
 
-from ._context import (
-    PendingQuota,
-    Refusal,
-    RequestContext,
-    RequestRefusedError,
-    get_current_context,
-)
 from ._models import validate_feature_code, validate_quota_count
+from .billing._context import PendingQuota, RequestContext, get_current_context
+from .billing._refusals import Refusal, RequestRefusedError
 from .quota import (
     OnUnavailable,
     QuotaDecision,

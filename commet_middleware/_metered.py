@@ -9,19 +9,19 @@ from typing import Any, ParamSpec, TypeAlias, TypeVar, cast
 
 import wrapt
 
-from ._context import (
-    CustomerRequiredError,
-    RequestContext,
-    _current,
-    default_sink,
-    get_current_context,
-)
 from ._models import (
     clean_properties,
     validate_customer_id,
     validate_feature_code,
     validate_properties,
     validate_recorded_value,
+)
+from .billing._context import (
+    CustomerRequiredError,
+    RequestContext,
+    _current,
+    default_sink,
+    get_current_context,
 )
 
 __all__ = ["CustomerSpec", "PropertiesSpec", "ValueSpec", "metered", "track"]

@@ -25,7 +25,7 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Any, TypeAlias
 from urllib.parse import parse_qs
 
-from ._context import CustomerRequiredError
+from ._errors import CustomerRequiredError
 from ._models import MAX_CUSTOMER_ID_LENGTH, customer_id_problem
 
 __all__ = [

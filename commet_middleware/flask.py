@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._context import DEFAULT_EXCLUDE, MeterSpec
 from ._settings import CommetSettings, from_config
-from ._wsgi import CommetWSGIMiddleware
+from .billing._rules import DEFAULT_EXCLUDE, MeterSpec
 from .customers import CustomerResolver, from_header
+from .middleware._wsgi import CommetWSGIMiddleware
 
 if TYPE_CHECKING:
     from flask import Flask

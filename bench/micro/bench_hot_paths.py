@@ -31,11 +31,11 @@ from typing import Any
 import pytest
 
 from commet_middleware import CommetSettings, UsageEvent, metered
-from commet_middleware._context import RequestContext, _current
 from commet_middleware._keys import derive_idempotency_key, new_request_id
 from commet_middleware._models import Operation
 from commet_middleware._results import QuotaAllowance
 from commet_middleware._wire import encode_body
+from commet_middleware.billing._context import RequestContext, _current
 from commet_middleware.customers import from_header
 from commet_middleware.delivery import DeliveryQueue
 from commet_middleware.quota import QuotaGate

@@ -12,8 +12,8 @@ import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from commet_middleware import CommetMiddleware, metered, set_customer, track
-from commet_middleware._context import RequestContext, get_current_context
 from commet_middleware._keys import derive_idempotency_key
+from commet_middleware.billing._context import RequestContext, get_current_context
 from commet_middleware.customers import from_header, from_path_param
 
 from .conftest import ListSink

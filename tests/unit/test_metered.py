@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from commet_middleware import commet_context, current_customer, metered, set_customer, track
-from commet_middleware._context import CustomerRequiredError, get_current_context
 from commet_middleware._keys import derive_idempotency_key
+from commet_middleware.billing._context import CustomerRequiredError, get_current_context
 
 from .conftest import ListSink
 

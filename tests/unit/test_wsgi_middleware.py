@@ -12,7 +12,7 @@ from wsgiref.util import FileWrapper
 import pytest
 
 from commet_middleware import CommetWSGIMiddleware, metered, track
-from commet_middleware._context import get_current_context
+from commet_middleware.billing._context import get_current_context
 from commet_middleware.customers import from_header
 
 from .conftest import ListSink

@@ -9,49 +9,42 @@ between: copies share the object, not a value.
 
 from __future__ import annotations
 
-import fnmatch
-import json
 import logging
 import threading
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from ._keys import derive_idempotency_key, new_request_id
-from ._models import (
+from commet_middleware._errors import CustomerRequiredError
+from commet_middleware._keys import derive_idempotency_key, new_request_id
+from commet_middleware._models import (
     Operation,
     QuotaChange,
     UsageEvent,
     utc_timestamp,
     validate_customer_id,
-    validate_feature_code,
     validate_properties,
 )
 
 if TYPE_CHECKING:
-    from ._settings import CommetSettings
-    from .quota import QuotaGate, Reservation
-    from .quota._idempotency import IdempotencyClaim
+    from commet_middleware._settings import CommetSettings
+    from commet_middleware.quota import QuotaGate, Reservation
+    from commet_middleware.quota._idempotency import IdempotencyClaim
+
+    from ._refusals import Refusal
 
 __all__ = [
-    "DEFAULT_EXCLUDE",
-    "REJECTION_BODY",
     "CustomerRequiredError",
     "EventSink",
-    "MeterSpec",
-    "MeteringRules",
     "MeteringStats",
     "PendingCommit",
     "PendingQuota",
     "PendingUsage",
-    "Refusal",
     "RequestContext",
-    "RequestRefusedError",
     "commet_context",
     "current_customer",
-    "declared_body_length",
     "default_sink",
     "get_current_context",
     "set_customer",
@@ -86,52 +79,6 @@ class EventSink(Protocol):
 
         May return a commit to wait for before the response completes (None: nothing to wait).
         """
-
-
-class CustomerRequiredError(Exception):
-    """A billable operation was about to happen and nobody said which customer pays for it."""
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """The response a middleware sends instead of the app's: a quota guard said no."""
-
-    status: int
-    body: bytes
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-if TYPE_CHECKING:
-    _RefusalBase = Exception
-else:
-    try:
-        # Flask answers a werkzeug HTTPException with its response instead of logging a
-        # traceback and answering 500: a refusal is an expected outcome, not a crash.
-        from werkzeug.exceptions import HTTPException as _RefusalBase
-    except ImportError:
-        _RefusalBase = Exception
-
-
-class RequestRefusedError(_RefusalBase):
-    """Raised by ``@quota_guard`` before the endpoint runs; the middleware answers instead.
-
-    The refusal is also left on the request context, so the middleware still answers with it
-    when a framework turns the exception into a response of its own first (a WSGI framework's
-    500). With werkzeug installed it is also a werkzeug ``HTTPException`` whose response is
-    the refusal, so Flask answers with it directly.
-    """
-
-    def __init__(self, refusal: Refusal) -> None:
-        super().__init__(f"request refused with {refusal.status}")
-        self.refusal = refusal
-        self.code = refusal.status
-
-    def get_response(self, environ: object = None, scope: object = None) -> object:
-        """Return the refusal as a werkzeug response (what Flask sends for an HTTPException)."""
-        from werkzeug.wrappers import Response
-
-        refusal = self.refusal
-        return Response(refusal.body, refusal.status, list(refusal.headers))
 
 
 @dataclass(frozen=True, slots=True)
@@ -597,167 +544,12 @@ def commet_context(
 
 def default_sink(settings: CommetSettings | None = None) -> EventSink:
     """Return the process-wide started delivery queue for ``settings`` (default: from env)."""
-    from ._live import redirected  # the testing tools' seam (commet_emulator)
-    from ._settings import CommetSettings
-    from .delivery import default_queue  # the delivery pipeline is only needed when used
+    from commet_middleware._live import redirected  # the testing tools' seam
+    from commet_middleware._settings import CommetSettings
+    from commet_middleware.delivery import (
+        default_queue,  # the delivery pipeline is only needed when used
+    )
 
     queue = default_queue(redirected(settings or CommetSettings.from_env()))
     queue.start()
     return queue
-
-
-MeterSpec: TypeAlias = "str | Mapping[str, str] | Callable[[Mapping[str, Any]], str | None] | None"
-"""Zero-code metering: one feature for every request, a table, or a function of the scope."""
-
-DEFAULT_EXCLUDE: tuple[str, ...] = (
-    "/health",
-    "/healthz",
-    "/docs",
-    "/redoc",
-    "/openapi.json",
-    "/favicon.ico",
-)
-
-REJECTION_BODY = json.dumps(
-    {
-        "error": {
-            "type": "authentication_error",
-            "code": "customer_required",
-            "message": "This request is billable and no customer could be identified for it.",
-        }
-    },
-    separators=(",", ":"),
-).encode("utf-8")
-
-
-def _default_bill_status(status: int) -> bool:
-    return status < 400
-
-
-class MeteringRules:
-    """What a middleware bills and how: shared by the ASGI and the WSGI middleware."""
-
-    def __init__(
-        self,
-        *,
-        meter: MeterSpec,
-        exclude: Iterable[str],
-        bill_status: Callable[[int], bool] | None,
-        on_missing_customer: Literal["serve", "reject"],
-    ) -> None:
-        if on_missing_customer not in ("serve", "reject"):
-            raise ValueError(
-                f"on_missing_customer must be 'serve' or 'reject', got {on_missing_customer!r}"
-            )
-        if isinstance(meter, str):
-            validate_feature_code(meter)
-        elif isinstance(meter, Mapping):
-            for feature in meter.values():
-                validate_feature_code(feature)
-        elif meter is not None and not callable(meter):
-            raise TypeError("meter must be a feature code, a mapping or a callable")
-        self.meter = meter
-        # meter="api_calls": the one feature every (non-excluded) request is billed to.
-        self.single_feature = meter if isinstance(meter, str) else None
-        self.exclude = tuple(exclude)
-        # A plain pattern excludes its path and everything under it; a glob what it matches.
-        plain = [pattern for pattern in self.exclude if "*" not in pattern]
-        self._excluded_paths = frozenset(plain)
-        self._excluded_prefixes = tuple(pattern.rstrip("/") + "/" for pattern in plain)
-        self._excluded_globs = tuple(pattern for pattern in self.exclude if "*" in pattern)
-        self.bill_status = bill_status or _default_bill_status
-        # status < 400, checked inline by the middlewares (no hook to call and guard).
-        self.default_bill_status = bill_status is None
-        self.reject_missing_customer = on_missing_customer == "reject"
-
-    def is_excluded(self, method: str, path: str, preflight: bool) -> bool:
-        """Return True when zero-code metering skips this request (health checks, docs, CORS)."""
-        return (method == "OPTIONS" and preflight) or self.excludes_path(path)
-
-    def excludes_path(self, path: str) -> bool:
-        """Return True when ``exclude`` names ``path`` (or a path above it, or a matching glob)."""
-        if path in self._excluded_paths or path.startswith(self._excluded_prefixes):
-            return True
-        globs = self._excluded_globs
-        return bool(globs) and any(fnmatch.fnmatchcase(path, glob) for glob in globs)
-
-    def zero_code_feature(
-        self,
-        source: Mapping[str, Any],
-        method: str,
-        path: str,
-        route: str | None,
-        preflight: bool,
-    ) -> str | None:
-        """Return the feature the middleware itself bills for this request, if any.
-
-        A mapping is looked up as ``"METHOD pattern"``, then ``"pattern"``, then ``"METHOD"``,
-        where a pattern is the route template (``/items/{item_id}``), the path, or a glob
-        (``/api/*``) matched against the path.
-        """
-        if self.meter is None or self.is_excluded(method, path, preflight):
-            return None
-        if isinstance(self.meter, str):
-            return self.meter
-        if isinstance(self.meter, Mapping):
-            return _lookup(self.meter, method, path, route)
-        try:
-            feature = self.meter(source)
-        except Exception:
-            logger.exception("commet: the meter= function failed; request not metered")
-            return None
-        if feature is None:
-            return None
-        try:
-            return validate_feature_code(feature)
-        except ValueError:
-            logger.exception("commet: the meter= function returned an invalid feature code")
-            return None
-
-    def billable_status(self, status: int | None) -> bool:
-        """Return True when a response with ``status`` is billed; a failing hook says no."""
-        if status is None:
-            return False
-        if self.bill_status is _default_bill_status:
-            return status < 400
-        try:
-            return bool(self.bill_status(status))
-        except Exception:
-            logger.exception("commet: bill_status hook failed for %s; not billed", status)
-            return False
-
-
-def declared_body_length(method: str, status: int | None, content_length: str | None) -> int | None:
-    """Return how many body bytes complete a response, or None when only its end marker does.
-
-    0 for a response without a body by protocol (HEAD, 1xx, 204, 304: the client has it all
-    with the headers); the ``Content-Length`` when it is valid (the client has it all with the
-    last declared byte); None otherwise: a chunked or close-delimited body, which the server
-    ends only after the app's last message or chunk.
-    """
-    if (status is not None and (status < 200 or status == 204 or status == 304)) or (
-        method != "GET" and method.upper() == "HEAD"
-    ):
-        return 0
-    if content_length is None:
-        return None
-    if content_length.isdigit():
-        return int(content_length)
-    value = content_length.strip()
-    return int(value) if value.isdigit() else None
-
-
-def _lookup(table: Mapping[str, str], method: str, path: str, route: str | None) -> str | None:
-    candidates = [p for p in (route, path) if p]
-    for prefix in (method + " ", ""):
-        for candidate in candidates:
-            found = table.get(prefix + candidate)
-            if found is not None:
-                return found
-        for key, feature in table.items():
-            if "*" not in key or not key.startswith(prefix):
-                continue
-            pattern = key[len(prefix) :]
-            if pattern.startswith("/") and fnmatch.fnmatchcase(path, pattern):
-                return feature
-    return table.get(method)

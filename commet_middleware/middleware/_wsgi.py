@@ -1,4 +1,4 @@
-"""``CommetWSGIMiddleware``: the PEP 3333 middleware that bills successful requests (Flask...)."""
+"""``CommetWSGIMiddleware``: the PEP 3333 adapter of the billing core (Flask, any WSGI app)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,9 @@ import io
 import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from ._asgi import MiddlewareSetup, build_settings
-from ._context import (
-    DEFAULT_EXCLUDE,
-    REJECTION_BODY,
-    CustomerRequiredError,
-    EventSink,
-    MeteringRules,
-    MeterSpec,
-    RequestContext,
-    RequestRefusedError,
-    _current,
-    declared_body_length,
-)
-from ._settings import (
+from commet_middleware._settings import (
     SETTING_FIELDS,
     CommetSettings,
     DeadLetterHook,
@@ -31,9 +17,20 @@ from ._settings import (
     OverflowPolicy,
     StartupCheck,
 )
-from .customers import CustomerResolver, resolve_now
-from .quota import QuotaGate
-from .quota._idempotency import MAX_BODY_BYTES, IdempotencyAnswer, ResponseCapture
+from commet_middleware.billing._context import EventSink, _current
+from commet_middleware.billing._core import BillingCall
+from commet_middleware.billing._refusals import (
+    CUSTOMER_REQUIRED,
+    CustomerRequiredError,
+    Refusal,
+    RequestRefusedError,
+    status_line,
+)
+from commet_middleware.billing._rules import DEFAULT_EXCLUDE, MeteringRules, MeterSpec
+from commet_middleware.billing._setup import MiddlewareSetup, build_settings
+from commet_middleware.customers import CustomerResolver, resolve_now
+from commet_middleware.quota import QuotaGate
+from commet_middleware.quota._idempotency import MAX_BODY_BYTES, IdempotencyAnswer, ResponseCapture
 
 __all__ = ["CommetWSGIMiddleware"]
 
@@ -145,8 +142,10 @@ class CommetWSGIMiddleware(MiddlewareSetup):
         return _WSGICall(self, environ, start_response).run()
 
 
-class _WSGICall:
-    """The middleware's state for one WSGI request."""
+class _WSGICall(BillingCall):
+    """One WSGI request: the billing core, told what ``start_response`` and the body say."""
+
+    __slots__ = ("_start_response", "capture", "context", "environ", "mw")
 
     def __init__(
         self,
@@ -154,25 +153,10 @@ class _WSGICall:
         environ: WSGIEnvironment,
         start_response: StartResponse,
     ) -> None:
+        super().__init__(middleware.new_context(), middleware.rules, middleware.stats)
         self.mw = middleware
         self.environ = environ
         self._start_response = start_response
-        self.started = False
-        self.rejected = False
-        # Whether the response's status is billed; known once the response starts.
-        self.billable = False
-        self.feature: str | None = None
-        # Body bytes still to hand over before the client has the whole response
-        # (Content-Length, 0 for HEAD/204/304), or None when only the server's end marker,
-        # written after the iterable is exhausted, completes it.
-        self.body_left: int | None = None
-        self.ctx = RequestContext(
-            sink=middleware._sinks.sink,
-            settings=middleware.settings,
-            reject_missing_customer=middleware.rules.reject_missing_customer,
-            stats=middleware.stats,
-            gate=middleware._gates.gate,
-        )
         # The response as it goes out, kept for an Idempotency-Key replay (opt-in).
         self.capture: ResponseCapture | None = None
         # The app and every chunk of its body run in this context, so @metered code that runs
@@ -202,10 +186,10 @@ class _WSGICall:
             body,
         )
         if isinstance(admission, IdempotencyAnswer):
-            self.rejected = self.started = True
-            headers = [*admission.headers, ("Content-Length", str(len(admission.body)))]
-            self._start_response(_status_line(admission.status), headers)
-            return [admission.body]
+            self.answered()
+            refusal = Refusal(admission.status, admission.body, tuple(admission.headers))
+            self._answer(refusal, None)
+            return [refusal.body]
         self.ctx.key_seed = admission.seed
         self.ctx.idempotency = admission
         self.capture = admission.capture
@@ -230,18 +214,18 @@ class _WSGICall:
             result = self.context.run(self.mw.app, self.environ, self.start_response)
         except (CustomerRequiredError, RequestRefusedError):
             # The app let the refusal through (Flask in testing mode does).
-            if self.started and not self.rejected:
-                ctx.settle(billable=False)
+            if self.refused:
+                return [self.refusal_body()]
+            if not self.refusal_raised():
                 raise
-            if not self.rejected:
-                self._reject(None)
-            return [self.rejection_body()]
+            self._refuse(None)
+            return [self.refusal_body()]
         except BaseException:
-            ctx.settle(billable=False)
+            self.ended()
             raise
         wrapper_type = self.environ.get("wsgi.file_wrapper")
         if (
-            not self.rejected
+            not self.refused
             and isinstance(wrapper_type, type)
             and isinstance(result, wrapper_type)
             and self._hook_file_wrapper(result)
@@ -252,42 +236,35 @@ class _WSGICall:
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
     ) -> Write:
-        self.started = True
         ctx = self.ctx
         code = status[:3]
+        status_code: int | None
         if code.isdigit() and status[3:4] in ("", " "):
-            ctx.status = status_code = int(code)
+            status_code = int(code)
         else:
             try:
-                ctx.status = status_code = int(status.split(None, 1)[0])
+                status_code = int(status.split(None, 1)[0])
             except ValueError:
-                ctx.status = None
-                status_code = 0
+                status_code = None
         if ctx.customer_id is None:
             ctx.customer()
-        rules = self.mw.rules
-        if rules.meter is not None:
-            self.feature = self._zero_code_feature()
-        if ctx.refusal is not None or (ctx.reject_missing_customer and self._customer_missing()):
-            self._reject(exc_info)
-            return _discard
-        if ctx.status is None:
-            self.billable = False
-        elif rules.default_bill_status:
-            self.billable = status_code < 400
-        else:
-            self.billable = rules.billable_status(status_code)
         content_length = None
         for name, value in headers:
             if name == "Content-Length" or name.lower() == "content-length":
                 content_length = value
                 break
-        self.body_left = declared_body_length(
-            self.environ.get("REQUEST_METHOD", "GET"), ctx.status, content_length
+        refusal = self.response_started(
+            status_code,
+            method=self.environ.get("REQUEST_METHOD", "GET"),
+            content_length=content_length,
+            feature=None if self.rules.meter is None else self._zero_code_feature(),
         )
-        if ctx.response_headers and self.billable:
-            # A guard's RateLimit headers, on responses that will use the reserved units.
-            headers = [*headers, *ctx.response_headers]
+        if refusal is not None:
+            self._answer(refusal, exc_info)
+            return _discard
+        extra = self.extra_headers()
+        if extra:
+            headers = [*headers, *extra]
         if exc_info is not None:
             write = self._start_response(status, headers, exc_info)
         else:
@@ -295,7 +272,7 @@ class _WSGICall:
         capture = self.capture
         if capture is None:
             return write
-        capture.start(status_code, headers)
+        capture.start(status_code or 0, headers)
 
         def captured_write(data: bytes) -> object:
             capture.add(data)
@@ -305,7 +282,7 @@ class _WSGICall:
 
     def _zero_code_feature(self) -> str | None:
         environ = self.environ
-        rules = self.mw.rules
+        rules = self.rules
         method = str(environ.get("REQUEST_METHOD", "GET")).upper()
         path = str(environ.get("PATH_INFO", "")) or "/"
         if rules.single_feature is not None and method != "OPTIONS":
@@ -314,65 +291,35 @@ class _WSGICall:
         # Flask (werkzeug) leaves its request, and through it the matched rule, in the environ.
         rule = getattr(getattr(environ.get("werkzeug.request"), "url_rule", None), "rule", None)
         preflight = "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ
-        return self.mw.rules.zero_code_feature(
+        return rules.zero_code_feature(
             environ, method, path, rule if isinstance(rule, str) else None, preflight
         )
 
-    def _customer_missing(self) -> bool:
-        """In reject mode: True when this response would bill, or was refused, for want of a
-        customer (a guard's refusal and the serve mode are the caller's checks)."""
-        ctx = self.ctx
-        if ctx.customer_required:
-            return True
-        would_bill = bool(ctx.pending) or self.feature is not None
-        return would_bill and self.mw.rules.billable_status(ctx.status) and ctx.customer() is None
-
-    def rejection_body(self) -> bytes:
+    def refusal_body(self) -> bytes:
         """The body of the answer sent instead of the app's."""
         refusal = self.ctx.refusal
-        return REJECTION_BODY if refusal is None else refusal.body
+        return CUSTOMER_REQUIRED.body if refusal is None else refusal.body
 
-    def _reject(self, exc_info: OptExcInfo | None) -> None:
-        self.rejected = True
-        self.started = True
-        self.ctx.settle(billable=False)
-        refusal = self.ctx.refusal
-        if refusal is not None:
-            refusal_headers = [*refusal.headers, ("Content-Length", str(len(refusal.body)))]
-            if exc_info is not None:
-                self._start_response(_status_line(refusal.status), refusal_headers, exc_info)
-            else:
-                self._start_response(_status_line(refusal.status), refusal_headers)
-            return
-        self.mw.stats.add("rejected_requests")
-        logger.warning(
-            "commet: rejected %s %s with 401: billable and no customer",
-            self.environ.get("REQUEST_METHOD"),
-            self._path(),
+    def _refuse(self, exc_info: OptExcInfo | None) -> None:
+        self._answer(
+            self.refuse(str(self.environ.get("REQUEST_METHOD", "")), self._path()), exc_info
         )
-        headers = [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(REJECTION_BODY))),
-        ]
+
+    def _answer(self, refusal: Refusal, exc_info: OptExcInfo | None) -> None:
+        """Start ``refusal`` in place of the app's response (its body is the iterable's)."""
+        headers = [*refusal.headers, ("Content-Length", str(len(refusal.body)))]
         if exc_info is not None:
-            self._start_response("401 Unauthorized", headers, exc_info)
+            self._start_response(status_line(refusal.status), headers, exc_info)
         else:
-            self._start_response("401 Unauthorized", headers)
+            self._start_response(status_line(refusal.status), headers)
 
     def finish(self, *, complete: bool) -> None:
-        """Settle the request: billed only when the response completed with a billable status."""
-        ctx = self.ctx
-        if ctx.settled:
-            return
-        billable = complete and not self.rejected and self.billable
-        if self.started and not complete and not self.rejected:
-            self.mw.stats.add("incomplete_responses")
-        if billable and self.feature is not None:
-            ctx.settle_with_usage(self.feature)
-        else:
-            ctx.settle(billable=billable)
-        if ctx.commits:  # before the last chunk goes out: the spool's group commit
-            ctx.wait_committed()
+        """The body is all handed over (``complete``) or given up: settle the request."""
+        if complete:
+            if self.before_last():  # before the last chunk goes out: the spool's group commit
+                self.ctx.wait_committed()
+            self.after_last()
+        self.ended()  # settles what is left: a body given up, or a response never started
 
     def _hook_file_wrapper(self, result: object) -> bool:
         if self.capture is not None:
@@ -414,13 +361,6 @@ def _read_body(environ: WSGIEnvironment) -> bytes | None:
     environ["wsgi.input"] = io.BytesIO(body)
     environ["CONTENT_LENGTH"] = str(len(body))
     return bytes(body)
-
-
-def _status_line(status: int) -> str:
-    try:
-        return f"{status} {HTTPStatus(status).phrase}"
-    except ValueError:
-        return f"{status} Refused"
 
 
 # What ``next`` returns here for an exhausted body (see _BillingIterable.__next__).
@@ -465,7 +405,7 @@ class _BillingIterable:
 
     def __next__(self) -> bytes:
         call = self._call
-        if call.rejected:
+        if call.refused:
             return self._next_rejection_chunk()
         try:
             iterator = self._iterator
@@ -476,11 +416,11 @@ class _BillingIterable:
             chunk = call.context.run(next, iterator, _END)
         except (CustomerRequiredError, RequestRefusedError):
             # A lazy body (generator app) refused before calling start_response.
-            if call.started and not call.rejected:
-                self._failed = True
-                raise
-            if not call.rejected:
-                call._reject(None)
+            if not call.refused:
+                if not call.refusal_raised():
+                    self._failed = True
+                    raise
+                call._refuse(None)
             return self._next_rejection_chunk()
         except BaseException:
             self._failed = True
@@ -493,11 +433,11 @@ class _BillingIterable:
             self._exhausted = True
             call.finish(complete=True)
             raise StopIteration
-        if call.rejected:  # start_response in this very chunk decided to reject
+        if call.refused:  # start_response in this very chunk decided to refuse
             return self._next_rejection_chunk()
         if call.capture is not None:
             call.capture.add(chunk)
-        if self._is_last(chunk) and call.billable and not call.rejected:
+        if self._is_last(chunk) and call.billable:
             # Settled before the last chunk is handed over: a crash after it loses nothing.
             call.finish(complete=True)
         return chunk
@@ -508,17 +448,13 @@ class _BillingIterable:
         if self._chunks_left is not None:
             self._chunks_left -= 1
             last = self._chunks_left <= 0
-        call = self._call
-        if call.body_left is not None:
-            call.body_left -= len(chunk)
-            last = last or call.body_left <= 0
-        return last
+        return self._call.completes_with(len(chunk), last=last)
 
     def _next_rejection_chunk(self) -> bytes:
         if self._rejection_sent:
             raise StopIteration
         self._rejection_sent = True
-        return self._call.rejection_body()
+        return self._call.refusal_body()
 
     def close(self) -> None:
         if self._closed:
