@@ -10,8 +10,9 @@ from typing import Any, ParamSpec, TypeAlias, TypeVar, cast
 import wrapt
 
 from ._models import (
+    UsageValue,
     clean_properties,
-    validate_customer_id,
+    normalize_customer_id,
     validate_feature_code,
     validate_properties,
     validate_recorded_value,
@@ -24,16 +25,16 @@ from .billing._context import (
     get_current_context,
 )
 
-__all__ = ["CustomerSpec", "PropertiesSpec", "ValueSpec", "metered", "track"]
+__all__ = ["MeteredCustomer", "PropertiesSpec", "ValueSpec", "metered", "track"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-ValueSpec: TypeAlias = "int | float | Callable[[Any], object]"
+ValueSpec: TypeAlias = "UsageValue | Callable[[Any], object]"
 """A usage value, or a function of the decorated function's return value that computes it."""
 PropertiesSpec: TypeAlias = "Mapping[str, str] | Callable[[Any], object] | None"
 """Event properties, or a function of the decorated function's return value computing them."""
-CustomerSpec: TypeAlias = "str | Callable[..., object] | None"
+MeteredCustomer: TypeAlias = "str | Callable[..., object] | None"
 """A customer id, or a function of the decorated function's arguments returning one."""
 
 logger = logging.getLogger("commet_middleware")
@@ -44,7 +45,7 @@ def metered(
     value: ValueSpec = 1,
     properties: PropertiesSpec = None,
     *,
-    customer: CustomerSpec = None,
+    customer: MeteredCustomer = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Bill ``value`` units of ``feature`` each time the decorated function succeeds.
 
@@ -54,26 +55,31 @@ def metered(
     untouched, so FastAPI still injects dependencies and documents parameters; sync functions
     stay sync and async functions async. Put ``@app.get(...)`` outermost.
 
-    ``value`` and ``properties`` may be functions of the decorated function's *return value*
-    (e.g. ``value=lambda rows: len(rows)``); a computed value that is not a number from 0 to
-    ``MAX_USAGE_VALUE`` is logged as an error and counted, the response is still served, and
-    nothing is billed for that call. Computed properties that break the rules are dropped or
-    cut with a WARNING, and the call is billed. Constant ones are checked here.
+    ``value`` is any real number (``Decimal`` and ``Fraction`` included: a whole one is sent as
+    an int, any other as the float that is exactly it, or refused when none is; see
+    ``validate_usage_value``). ``value`` and ``properties`` may be functions of the decorated
+    function's *return value* (e.g. ``value=lambda rows: len(rows)``); a computed value that
+    is not a number from 0 to ``MAX_USAGE_VALUE`` is logged as an error and counted, the
+    response is still served, and nothing is billed for that call. Computed properties that
+    break the rules are dropped or cut with a WARNING, and the call is billed. Constant ones
+    are checked here.
 
-    ``customer`` (a customer id, or a function of the decorated function's arguments) bills a
-    fixed customer; it is what a plain function outside any request or ``commet_context``
-    needs. There, usage is enqueued as soon as the function returns, and calling it with no
-    customer raises ``CustomerRequiredError`` before the function runs.
+    ``customer`` (a customer id, or a function of the decorated function's arguments; stripped
+    of surrounding whitespace like a resolver's answer) bills a fixed customer; it is what a
+    plain function outside any request or ``commet_context`` needs. There, usage is enqueued
+    as soon as the function returns, and calling it with no customer raises
+    ``CustomerRequiredError`` before the function runs.
 
     Raises ``ValueError`` now for an invalid feature code, constant value or properties.
     """
     feature = validate_feature_code(feature)
     if not callable(value):
-        validate_recorded_value(value)
+        # A Decimal or other real number is converted once, here (see validate_usage_value).
+        value = validate_recorded_value(value)
     if properties is not None and not callable(properties):
         validate_properties(dict(properties))
     if isinstance(customer, str):
-        validate_customer_id(customer)
+        customer = normalize_customer_id(customer)
     elif customer is not None and not callable(customer):
         raise TypeError(f"customer must be a str or a callable, got {type(customer).__name__}")
 
@@ -136,16 +142,16 @@ def metered(
     return decorate
 
 
-def track(
-    feature: str, value: int | float = 1, properties: Mapping[str, str] | None = None
-) -> None:
+def track(feature: str, value: UsageValue = 1, properties: Mapping[str, str] | None = None) -> None:
     """Record ``value`` units of ``feature`` for the current request or job context.
 
     In a request it joins the usage billed if the response succeeds; in ``commet_context`` it is
-    enqueued at once. An invalid feature or value is logged as an error and counted, never
-    raised, so the response is still served; invalid properties are dropped or cut with a
-    WARNING and the usage is billed. Raises ``RuntimeError`` outside a request or
-    ``commet_context``, and ``CustomerRequiredError`` in a ``commet_context`` with no customer.
+    enqueued at once. ``value`` may be any real number (``Decimal``, ``Fraction``: see
+    ``validate_usage_value`` for how it is sent). An invalid feature or value is logged as an
+    error and counted, never raised, so the response is still served; invalid properties are
+    dropped or cut with a WARNING and the usage is billed. Raises ``RuntimeError`` outside a
+    request or ``commet_context``, and ``CustomerRequiredError`` in a ``commet_context`` with
+    no customer.
     """
     ctx = get_current_context()
     if ctx is None:
@@ -163,7 +169,7 @@ def track(
 
 
 def _explicit_customer(
-    customer: CustomerSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
+    customer: MeteredCustomer, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> str | None:
     if customer is None:
         return None
@@ -175,7 +181,9 @@ def _explicit_customer(
         logger.exception("commet: the customer= function of @metered failed")
         return None
     if isinstance(found, str) and found.strip():
-        return found
+        # Stripped like a resolver's answer; whatever else is wrong with it is said when the
+        # event is built.
+        return found.strip()
     return None
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Literal
+from decimal import Decimal
+from fractions import Fraction
+from typing import Literal, TypeAlias
 
 __all__ = [
     "FEATURE_CODE_PATTERN",
@@ -23,8 +26,10 @@ __all__ = [
     "QuotaAction",
     "QuotaChange",
     "UsageEvent",
+    "UsageValue",
     "clean_properties",
     "customer_id_problem",
+    "normalize_customer_id",
     "utc_timestamp",
     "validate_customer_id",
     "validate_feature_code",
@@ -52,6 +57,8 @@ MAX_PROPERTY_KEY_LENGTH = 40
 MAX_PROPERTY_VALUE_LENGTH = 500
 
 QuotaAction = Literal["add", "remove", "set"]
+UsageValue: TypeAlias = "int | float | Decimal | Fraction"
+"""A usage value as given: any real number (``numbers.Real`` at run time), never a bool."""
 
 
 # The formatted date and time of the last second a timestamp was made in: every event made
@@ -138,15 +145,85 @@ def validate_customer_id(customer_id: object) -> str:
     return customer_id
 
 
+def normalize_customer_id(customer_id: object) -> str:
+    """Return ``customer_id`` without surrounding whitespace, as the resolvers read ids.
+
+    Raise ``ValueError`` when it is not a string, is empty or only whitespace, or what is left
+    cannot name a customer (see :func:`customer_id_problem`).
+    """
+    if not isinstance(customer_id, str):
+        raise ValueError(
+            f"customer id must be a str, got {type(customer_id).__name__} {customer_id!r}"
+        )
+    stripped = customer_id.strip()
+    if not stripped:
+        raise ValueError(f"customer id is empty or only whitespace: {_shown(customer_id)}")
+    return validate_customer_id(stripped)
+
+
 def validate_usage_value(value: object) -> int | float:
-    """Return ``value`` if it is a finite number >= 0 (not a bool), else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"usage value must be a number, got {type(value).__name__} {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
+    """Return ``value`` as the int or float sent to Commet, or raise ``ValueError``.
+
+    A usage value is a finite real number >= 0, never a bool. An int or a float is sent as it
+    is. Any other real number (``decimal.Decimal``, ``fractions.Fraction``, a numpy scalar:
+    a Decimal or any ``numbers.Real``) is converted, because Commet reads JSON numbers as
+    doubles and the spool and the folding sums hold ints and floats: a whole Decimal or
+    Fraction becomes an int (``Decimal("2.00")`` is sent as ``2``); any other Decimal or
+    Fraction becomes the float whose shortest text, what goes on the wire, is exactly its
+    value (``Decimal("1.5")`` and ``Fraction(1, 10)`` are sent as ``1.5`` and ``0.1``), and is
+    refused when no such float exists (``Fraction(1, 3)``, a Decimal with more digits than a
+    double keeps): it is never rounded behind the caller's back. Other real numbers are sent
+    as ``float(value)``, like a float.
+    """
+    kind = type(value)
+    if kind is int or kind is float:  # the common case, first
+        number: int | float = value  # type: ignore[assignment]
+    # Decimal is only a numbers.Number (it refuses to mix with floats), so it is named here.
+    elif isinstance(value, bool) or not isinstance(value, (numbers.Real, Decimal)):
+        raise ValueError(f"usage value must be a number, got {kind.__name__} {value!r}")
+    else:
+        number = _plain_number(value)
+    if isinstance(number, float) and not math.isfinite(number):
         raise ValueError(f"usage value must be finite, got {value!r}")
-    if value < 0:
+    if number < 0:
         raise ValueError(f"usage value must be >= 0, got {value!r}")
-    return value
+    return number
+
+
+def _plain_number(value: numbers.Real | Decimal) -> int | float:
+    """``value`` as an int or float of exactly its value (see ``validate_usage_value``)."""
+    if isinstance(value, (int, float)):  # subclasses: sent as the plain type
+        return int(value) if isinstance(value, int) else float(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, Decimal) and not value.is_finite():
+        raise ValueError(f"usage value must be finite, got {value!r}")
+    try:
+        # First, before any int(): float() of a huge Decimal is cheap, int() of it is not.
+        approx = float(value)
+    except (OverflowError, ValueError):
+        approx = math.inf
+    if not math.isfinite(approx):
+        raise ValueError(f"usage value must be finite and within a double's range, got {value!r}")
+    exact: Decimal | Fraction
+    if isinstance(value, Decimal):
+        exact = value
+        if value == value.to_integral_value():
+            return int(value)
+        sent: Decimal | Fraction = Decimal(repr(approx))
+    elif isinstance(value, numbers.Rational):
+        exact = Fraction(int(value.numerator), int(value.denominator))
+        if exact.denominator == 1:
+            return int(exact)
+        sent = Fraction(repr(approx))
+    else:
+        return approx
+    if sent != exact:
+        raise ValueError(
+            f"usage value {value!r} cannot be sent exactly: the nearest number Commet can "
+            f"read is {approx!r}; round it first (e.g. to 6 decimal places)"
+        )
+    return approx
 
 
 def validate_recorded_value(value: object) -> int | float:
@@ -268,13 +345,17 @@ class UsageEvent:
         cls,
         customer_id: str,
         feature: str,
-        value: int | float = 1,
+        value: UsageValue = 1,
         *,
         idempotency_key: str,
         timestamp: str | None = None,
         properties: dict[str, str] | None = None,
     ) -> UsageEvent:
-        """Validate the input and return the event; raise ``ValueError`` on bad input."""
+        """Validate the input and return the event; raise ``ValueError`` on bad input.
+
+        A ``Decimal`` or other real ``value`` is stored as the int or float sent for it (see
+        :func:`validate_usage_value`).
+        """
         if not idempotency_key:
             raise ValueError("an idempotency key is required: it is what makes a retry safe")
         return cls(

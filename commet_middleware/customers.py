@@ -8,6 +8,10 @@ resolver when the request arrives and, while no customer is known, again later i
 only exist after routing or authentication (path params, ``scope["user"]``) are found too.
 Application code can always override with :func:`commet_middleware.set_customer`.
 
+Header, cookie and query bytes are read as UTF-8 (what clients send), and as latin-1 only
+when they are not valid UTF-8; a WSGI server hands them over as latin-1 text (PEP 3333), which
+is read again as UTF-8 the same way. So ``josé`` is billed as ``josé``, not ``josÃ©``.
+
 Whatever a resolver finds is checked like every customer id (at most 255 printable
 characters: no control or invisible characters): a value that fails is treated as "not
 said", with a WARNING (at most one a minute, so hostile headers cannot flood the log), and the
@@ -82,10 +86,35 @@ def _acceptable(value: str) -> str | None:
     return None
 
 
+def _decoded(raw: bytes) -> str:
+    """Return request bytes as text: UTF-8 when they are valid UTF-8, else latin-1."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        # Every byte string is latin-1: an old client's é (0xE9) still reads as é.
+        return raw.decode("latin-1")
+
+
+def _utf8_again(value: object) -> object:
+    """Return text made of bytes read as latin-1, read again as UTF-8 when they are UTF-8.
+
+    A WSGI server decodes header bytes as latin-1 (PEP 3333), so UTF-8 ``é`` arrives as
+    ``Ã©``; a quoted cookie's octal escapes are bytes too. Text that could not have come from
+    such a step (a character above U+00FF: something already decoded it) or whose bytes are
+    not UTF-8 is kept as it is.
+    """
+    if not isinstance(value, str) or value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
+
+
 def _clean(value: object) -> str | None:
     # Only a non-blank string names a customer; anything else means "not said".
     if isinstance(value, bytes):
-        value = value.decode("latin-1")
+        value = _decoded(value)
     if isinstance(value, str):
         value = value.strip()
         return _acceptable(value) if value else None
@@ -99,13 +128,15 @@ def _environ_key(header: str) -> str:
 
 
 def _header(source: Mapping[str, Any], name: str) -> str | None:
+    """Return the text of request header ``name``, unchecked (a Cookie header is no id)."""
     if is_asgi_scope(source):
         wanted = name.lower().encode("latin-1")
         for key, value in source.get("headers") or ():
             if key.lower() == wanted:
-                return _clean(value)
+                return _decoded(bytes(value))
         return None
-    return _clean(source.get(_environ_key(name)))
+    value = _utf8_again(source.get(_environ_key(name)))
+    return value if isinstance(value, str) else None
 
 
 def from_header(name: str) -> CustomerResolver:
@@ -120,10 +151,10 @@ def from_header(name: str) -> CustomerResolver:
 
     def resolve(source: Mapping[str, Any]) -> str | None:
         if "REQUEST_METHOD" in source or "type" not in source:  # a WSGI environ
-            return _clean(source.get(environ_key))
+            return _clean(_utf8_again(source.get(environ_key)))
         for key, value in source.get("headers") or ():
             if key == wanted or key.lower() == wanted:
-                found = bytes(value).decode("latin-1").strip()
+                found = _decoded(bytes(value)).strip()
                 return _acceptable(found) if found else None
         return None
 
@@ -140,10 +171,13 @@ def from_query(name: str) -> CustomerResolver:
     def resolve(source: Mapping[str, Any]) -> str | None:
         if is_asgi_scope(source):
             raw = source.get("query_string", b"")
-            query = raw.decode("latin-1") if isinstance(raw, bytes) else str(raw)
+            query = _decoded(raw) if isinstance(raw, bytes) else str(raw)
         else:
-            query = str(source.get("QUERY_STRING", ""))
-        values = parse_qs(query).get(name)
+            query = str(_utf8_again(source.get("QUERY_STRING", "")))
+        try:
+            values = parse_qs(query, errors="strict").get(name)
+        except UnicodeDecodeError:  # percent-escapes that are not UTF-8 (%E9 for é)
+            values = parse_qs(query, encoding="latin-1").get(name)
         return _clean(values[0]) if values else None
 
     return resolve
@@ -178,7 +212,9 @@ def from_scope_user(attr: str | Callable[[Any], object] = "identity") -> Custome
 
     def resolve(source: Mapping[str, Any]) -> str | None:
         if not is_asgi_scope(source):
-            return _clean(source.get("REMOTE_USER")) if attr == "identity" else None
+            if attr != "identity":
+                return None
+            return _clean(_utf8_again(source.get("REMOTE_USER")))
         user = source.get("user")
         if user is None or getattr(user, "is_authenticated", True) is False:
             return None
@@ -211,10 +247,16 @@ def from_environ(key: str) -> CustomerResolver:
     """Read the customer id from WSGI ``environ[key]`` (in ASGI, from ``scope[key]``).
 
     Useful when an outer middleware or the server (e.g. ``REMOTE_USER``) has put it there.
+    A server's variable (a key without a dot: ``REMOTE_USER``, ``HTTP_X_CUSTOMER``) is PEP 3333
+    latin-1 text and is read again as UTF-8; a dotted key is an extension's, taken as it is.
     """
+    server_variable = "." not in key
 
     def resolve(source: Mapping[str, Any]) -> str | None:
-        return _clean(source.get(key))
+        value = source.get(key)
+        if server_variable and not is_asgi_scope(source):
+            value = _utf8_again(value)
+        return _clean(value)
 
     return resolve
 
@@ -227,17 +269,39 @@ def from_cookie(name: str) -> CustomerResolver:
 
     def resolve(source: Mapping[str, Any]) -> str | None:
         raw = _header(source, "cookie")
-        if not raw:
-            return None
-        cookies: SimpleCookie = SimpleCookie()
-        try:
-            cookies.load(raw)
-        except CookieError:
-            return None
-        morsel = cookies.get(name)
-        return _clean(morsel.value) if morsel is not None else None
+        return _clean(_cookie_value(raw, name)) if raw else None
 
     return resolve
+
+
+def _cookie_value(header: str, name: str) -> str | None:
+    """Return the value of the first cookie ``name`` in a ``Cookie`` header, or None.
+
+    Read pair by pair rather than with ``SimpleCookie.load``, which stops at the first pair it
+    cannot parse (a non-ASCII value such as ``josé``, a JSON value) and so loses every cookie
+    after it. A double-quoted value is unquoted as ``SimpleCookie`` writes it (its octal
+    escapes included).
+    """
+    for pair in header.split(";"):
+        key, equals, value = pair.partition("=")
+        if not equals or key.strip() != name:
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            quoted: SimpleCookie = SimpleCookie()
+            try:
+                quoted.load(f"{_COOKIE_KEY}={value}")
+            except CookieError:
+                return None
+            morsel = quoted.get(_COOKIE_KEY)
+            # Escapes are bytes: werkzeug writes é as \303\251 (UTF-8), Python as \351.
+            return str(_utf8_again(morsel.value)) if morsel is not None else None
+        return value
+    return None
+
+
+# Any name SimpleCookie accepts: the real name may be one it does not (a non-ASCII one).
+_COOKIE_KEY = "c"
 
 
 def from_callable(fn: Callable[[Mapping[str, Any]], object]) -> CustomerResolver:

@@ -23,9 +23,10 @@ from commet_middleware._models import (
     Operation,
     QuotaChange,
     UsageEvent,
+    clean_properties,
+    normalize_customer_id,
     utc_timestamp,
     validate_customer_id,
-    validate_properties,
 )
 
 if TYPE_CHECKING:
@@ -428,15 +429,16 @@ class RequestContext:
 
     def _enqueue(self, item: PendingUsage, customer: str) -> bool:
         try:
-            # Feature, value and properties were validated when recorded; the customer is new.
+            # Feature and value were validated when recorded; the customer is new. Properties
+            # only describe the usage: a bad one is cleaned (one WARNING), the event still billed.
             properties = item.properties
             event = UsageEvent(
-                customer_id=validate_customer_id(customer),
+                customer_id=validate_customer_id(customer.strip()),
                 feature=item.feature,
                 value=item.value,
                 idempotency_key=item.idempotency_key,
                 timestamp=item.timestamp,
-                properties=() if properties is None else validate_properties(properties),
+                properties=() if properties is None else clean_properties(properties, item.feature),
             )
         except ValueError:
             logger.exception("commet: could not build usage event for %r; not billed", item.feature)
@@ -495,8 +497,10 @@ def set_customer(customer_id: str) -> None:
     """Set the customer the current request (or job context) is billed to.
 
     Call it from auth code anywhere inside the request: a FastAPI dependency, a Flask
-    ``before_request``, a sync endpoint in a threadpool. Raises ``RuntimeError`` outside a
-    request or :func:`commet_context`, and ``ValueError`` for an empty id.
+    ``before_request``, a sync endpoint in a threadpool. The id is stripped of surrounding
+    whitespace, as the customer resolvers read it. Raises ``RuntimeError`` outside a request or
+    :func:`commet_context`, and ``ValueError`` for an empty or whitespace-only id, or one that
+    cannot name a customer (over 255 characters, control or invisible characters).
     """
     ctx = _current.get()
     if ctx is None:
@@ -504,7 +508,10 @@ def set_customer(customer_id: str) -> None:
             "set_customer() called outside a Commet request context: install CommetMiddleware "
             "(or CommetWSGIMiddleware), or wrap the job in commet_context()"
         )
-    ctx.customer_id = validate_customer_id(customer_id)
+    try:
+        ctx.customer_id = normalize_customer_id(customer_id)
+    except ValueError as error:
+        raise ValueError(f"set_customer(): {error}") from None
 
 
 def current_customer() -> str | None:
@@ -532,7 +539,7 @@ def commet_context(
         sink=sink if sink is not None else default_sink(settings),
         settings=settings,
         key_seed=("job\x1f" + idempotency_seed) if idempotency_seed else "",
-        customer_id=validate_customer_id(customer) if customer is not None else None,
+        customer_id=normalize_customer_id(customer) if customer is not None else None,
         direct=True,
     )
     token = _current.set(ctx)

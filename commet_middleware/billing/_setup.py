@@ -19,7 +19,6 @@ from commet_middleware.quota import QuotaGate
 from commet_middleware.quota._idempotency import IdempotencyGuard
 
 from ._context import EventSink, MeteringStats, RequestContext
-from ._core import BillingCall
 from ._rules import MeteringRules
 
 __all__ = ["MiddlewareSetup", "QuotaGateOwner", "SinkOwner", "build_settings"]
@@ -250,11 +249,6 @@ class MiddlewareSetup:
             stats=self.stats,
             gate=self._gates.gate,
         )
-
-    def new_call(self) -> BillingCall:
-        """Return the billing lifecycle of a request arriving now (adapters that do not extend
-        :class:`BillingCall` themselves)."""
-        return BillingCall(self.new_context(), self.rules, self.stats)
 
     @property
     def sink(self) -> EventSink:
