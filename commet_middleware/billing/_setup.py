@@ -176,7 +176,8 @@ class MiddlewareSetup:
     ) -> None:
         self.customer = customer
         self.rules = rules
-        self.idempotency_header = idempotency_header
+        # Lowercase once, for every adapter (HTTP header names are case-insensitive).
+        self.idempotency_header = idempotency_header.lower() if idempotency_header else None
         self.idempotency_replay = idempotency_replay
         self.stats = MeteringStats()
         self._checked = False

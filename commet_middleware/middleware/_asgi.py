@@ -150,7 +150,7 @@ class CommetMiddleware(MiddlewareSetup):
                 bill_status=bill_status,
                 on_missing_customer=on_missing_customer,
             ),
-            idempotency_header=idempotency_header.lower() if idempotency_header else None,
+            idempotency_header=idempotency_header,
             settings=build_settings(settings, given),
             sink=sink,
             quota_gate=quota_gate,
