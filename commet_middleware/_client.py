@@ -21,6 +21,7 @@ from ._models import (
     QuotaAction,
     QuotaChange,
     UsageEvent,
+    UsageValue,
     validate_customer_id,
     validate_feature_code,
     validate_quota_count,
@@ -89,7 +90,12 @@ def _validate_operation(operation: Operation) -> None:
     if not operation.idempotency_key:
         raise ValueError("an idempotency key is required: it is what makes a retry safe")
     if isinstance(operation, UsageEvent):
-        validate_usage_value(operation.value)
+        if validate_usage_value(operation.value) is not operation.value:
+            # A Decimal or Fraction is converted by UsageEvent.create(); sent raw, JSON fails.
+            raise ValueError(
+                f"usage value {operation.value!r} must be an int or a float here: build the "
+                "event with UsageEvent.create(), which converts other real numbers exactly"
+            )
     else:
         if operation.action not in ("add", "remove", "set"):
             raise ValueError(f"quota action must be add, remove or set, got {operation.action!r}")
@@ -99,7 +105,7 @@ def _validate_operation(operation: Operation) -> None:
 def _usage_event(
     customer_id: str,
     feature: str,
-    value: int | float,
+    value: UsageValue,
     idempotency_key: str | None,
     timestamp: str | None,
     properties: dict[str, str] | None,
@@ -316,7 +322,7 @@ class CommetClient(_ClientBase):
         self,
         customer_id: str,
         feature: str,
-        value: int | float = 1,
+        value: UsageValue = 1,
         *,
         idempotency_key: str | None = None,
         timestamp: str | None = None,
@@ -566,7 +572,7 @@ class AsyncCommetClient(_ClientBase):
         self,
         customer_id: str,
         feature: str,
-        value: int | float = 1,
+        value: UsageValue = 1,
         *,
         idempotency_key: str | None = None,
         timestamp: str | None = None,

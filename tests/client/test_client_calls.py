@@ -517,3 +517,22 @@ def test_package_exports_the_client_api() -> None:
     ):
         assert name in commet_middleware.__all__
     assert commet_middleware.__all__ == sorted(commet_middleware.__all__)
+
+
+def test_decimal_value_through_the_client_and_a_raw_event() -> None:
+    """``track(value=Decimal)`` sends the exact number; a raw event holding one is refused
+    with the fix, before anything is sent."""
+    from decimal import Decimal
+
+    from commet_middleware import CommetClient, UsageEvent
+    from commet_middleware.testing import FakeCommet
+
+    fake = FakeCommet()
+    fake.add_feature("api_calls")
+    fake.add_customer("cus_1")
+    with CommetClient(api_key="ck_test_x", transport=fake.transport) as client:
+        client.track("cus_1", "api_calls", Decimal("2.50"), idempotency_key="k1")
+        raw = UsageEvent("cus_1", "api_calls", Decimal("1.5"), "k2", "2026-01-01T00:00:00Z")
+        with pytest.raises(ValueError, match=r"UsageEvent\.create"):
+            client.send(raw)
+    assert fake.usage_total("cus_1", "api_calls") == 2.5
