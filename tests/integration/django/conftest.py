@@ -46,6 +46,7 @@ if not django_settings.configured:
 from commet_middleware.django import billing  # noqa: E402
 
 from . import views  # noqa: E402
+from .support import STACKS, Stack  # noqa: E402
 
 CUSTOMER = {"X-Customer-ID": "user_123"}
 
@@ -55,6 +56,12 @@ def _forget_ran_views() -> Iterator[None]:
     views.RAN.clear()
     yield
     views.RAN.clear()
+
+
+@pytest.fixture(params=STACKS)
+def stack(request: pytest.FixtureRequest) -> Stack:
+    """Django's sync Client, then its AsyncClient (the middleware in its async mode)."""
+    return Stack(request.param, raise_request_exception=False)
 
 
 @pytest.fixture

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+import threading
+from collections.abc import Callable, Generator
+from typing import Any
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
@@ -17,25 +19,17 @@ from commet_middleware import CommetWSGIMiddleware, UsageEvent
 from commet_middleware._context import REJECTION_BODY
 from commet_middleware.customers import from_header
 from commet_middleware.django import billing, response_data
+from integration.conftest import ListSink
 
 from . import views
 from .conftest import CUSTOMER, django_error_records
-from .support import STACKS, Stack, body
-
-if TYPE_CHECKING:
-    from integration.conftest import ListSink
+from .support import Stack, body
 
 Configure = Callable[..., Any]
 
 
 def billed(sink: ListSink) -> list[tuple[str, str, float]]:
     return [(e.customer_id, e.feature, e.value) for e in sink.events]
-
-
-@pytest.fixture(params=STACKS)
-def stack(request: pytest.FixtureRequest) -> Stack:
-    """Django's sync Client, then its AsyncClient (the middleware in its async mode)."""
-    return Stack(request.param, raise_request_exception=False)
 
 
 @pytest.fixture
@@ -226,6 +220,9 @@ def test_streaming_response_is_billed_once_consumed(
     assert billed(sink) == [("user_123", "api_calls", 3)]
 
 
+# Closing a response outside the test client fires request_finished, whose receiver checks
+# the database connection: pytest-django lets it only with the mark.
+@pytest.mark.django_db
 def test_stream_closed_early_is_not_billed(by_header: Configure, sink: ListSink) -> None:
     """A stream closed before its end (the client went away) bills nothing and is counted."""
     engine = by_header()
@@ -350,6 +347,7 @@ def test_clients_built_from_one_config_share_one_billing(
     assert billing() is engine
 
 
+@pytest.mark.django_db  # the WSGI handler's request_started checks the database connection
 def test_outer_wsgi_middleware_bills_once(by_header: Configure, sink: ListSink) -> None:
     """Django wrapped in CommetWSGIMiddleware too: the request is billed once, not twice."""
     by_header()
@@ -359,3 +357,62 @@ def test_outer_wsgi_middleware_bills_once(by_header: Configure, sink: ListSink) 
     )
     assert response.status_code == 200
     assert [type(op) for op in sink.operations] == [UsageEvent]
+
+
+class GatedCommit:
+    """A spool group commit that completes only when ``opened`` is set."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+        self.waited = threading.Event()
+
+    def wait(self, timeout: float | None = None, /) -> bool:
+        self.waited.set()
+        return self.opened.wait(timeout)
+
+    def __await__(self) -> Generator[Any, None, None]:
+        self.waited.set()
+        while not self.opened.is_set():
+            yield from asyncio.sleep(0.005).__await__()
+
+
+class CommittingSink(ListSink):
+    """A list sink whose every enqueue hands back one gated commit (as a spool does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commit = GatedCommit()
+
+    def enqueue(self, operation: Any, /) -> GatedCommit:  # type: ignore[override]
+        super().enqueue(operation)
+        return self.commit
+
+
+@pytest.mark.parametrize("path", ["/search/", "/stream/", "/astream/"])
+def test_usage_is_committed_before_the_response_goes_back(
+    stack: Stack, commet_config: Configure, path: str
+) -> None:
+    """A billable response reaches Django (or its last chunk the server) only once the usage
+    it enqueued is committed: a crash after the client had it all loses nothing."""
+    sink = CommittingSink()
+    commet_config(sink=sink, customer_header="X-Customer-ID")
+    got: list[bytes] = []
+    request = threading.Thread(target=lambda: got.append(body(stack.get(path, headers=CUSTOMER))))
+    request.start()
+    assert sink.commit.waited.wait(10)
+    request.join(0.1)
+    assert request.is_alive()
+    assert got == []
+    assert len(sink.events) == 1
+    sink.commit.opened.set()
+    request.join(10)
+    assert len(got) == 1
+
+
+def test_head_response_is_billed_with_its_headers(
+    stack: Stack, by_header: Configure, sink: ListSink
+) -> None:
+    """A HEAD response is whole with its headers: billed without any body being read."""
+    by_header()
+    assert stack.request("HEAD", "/download/", headers=CUSTOMER).status_code == 200
+    assert billed(sink) == [("user_123", "downloads", 1)]
