@@ -43,6 +43,7 @@ from django.core.exceptions import (  # type: ignore[import-untyped]
 from django.http import HttpResponse  # type: ignore[import-untyped]
 from django.utils.functional import LazyObject, empty  # type: ignore[import-untyped]
 from django.utils.module_loading import import_string  # type: ignore[import-untyped]
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._asgi import MiddlewareSetup, build_settings
 from ._context import (
@@ -61,7 +62,7 @@ from ._settings import SETTING_FIELDS, CommetSettings, env_name, from_config
 from .customers import CustomerResolver, from_callable, from_header
 from .quota._idempotency import MAX_BODY_BYTES, IdempotencyAnswer, ResponseCapture
 
-__all__ = ["CommetMiddleware", "billing", "response_data"]
+__all__ = ["CommetMiddleware", "billing", "response_data", "with_lifespan"]
 
 logger = logging.getLogger("commet_middleware")
 
@@ -286,6 +287,14 @@ class _DjangoBilling(MiddlewareSetup):
             self._sinks.start()
             await self._astartup_checks()
 
+    async def aclose(self) -> None:
+        """Flush and close the delivery queue (a lifespan shutdown), then the gate's clients.
+
+        The queue stays usable: a later request starts it again.
+        """
+        await self._sinks.aclose()
+        await self._gates.aclose()
+
 
 def _loop_running() -> bool:
     import asyncio
@@ -323,6 +332,46 @@ def billing(config: Mapping[str, Any] | None = None) -> _DjangoBilling:
         built = _DjangoBilling(wanted)
         _billings.append((wanted, built))
         return built
+
+
+def with_lifespan(application: ASGIApp) -> ASGIApp:
+    """Django's ASGI application, answering the ASGI lifespan protocol for Commet.
+
+    Django's ASGI app refuses lifespan. Without it delivery still starts (on the first
+    request), but nothing tells the process it is about to stop, and uvicorn ends a SIGTERM'd
+    process by re-raising the signal, so exit hooks never run: usage still queued then is
+    lost. Wrapped (``application = with_lifespan(get_asgi_application())``), the server's
+    startup starts delivery and its shutdown flushes every Commet billing of the process
+    before the server exits. Every other scope goes to Django untouched.
+    """
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await application(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    for built in _live_billings():
+                        await built.abegin()
+                except Exception as exc:
+                    # verify_on_startup="raise": the server reports it and does not serve.
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                for built in _live_billings():
+                    await built.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    return app
+
+
+def _live_billings() -> list[_DjangoBilling]:
+    with _billings_lock:
+        return [built for _, built in _billings]
 
 
 def response_data(response: Any) -> Any:

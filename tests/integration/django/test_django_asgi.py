@@ -10,6 +10,7 @@ import httpx
 import pytest
 from django.core.handlers.asgi import ASGIHandler
 
+from commet_middleware.django import with_lifespan
 from commet_middleware.testing import FakeCommet
 
 from .conftest import CUSTOMER
@@ -108,3 +109,35 @@ async def test_client_gone_mid_stream_is_not_billed(
     stayed = await serve_stream(leave_after_first_chunk=False)
     assert len([m for m in stayed if m["type"] == "http.response.body" and m.get("body")]) == 50
     assert [(e.customer_id, e.feature) for e in sink.events] == [("user_123", "api_calls")]
+
+
+@pytest.mark.asyncio
+async def test_with_lifespan_shutdown_flushes_what_is_queued(
+    commet_emulator: FakeCommet, commet_config: Configure
+) -> None:
+    """with_lifespan answers startup and shutdown; the shutdown delivers everything queued,
+    with no flush of the test's own, before it reports complete."""
+    commet_config(customer_header="X-Customer-ID")
+    app = with_lifespan(ASGIHandler())
+    lifespan: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    answers: list[str] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        answers.append(message["type"])
+
+    await lifespan.put({"type": "lifespan.startup"})
+    server = asyncio.ensure_future(app({"type": "lifespan"}, lifespan.get, send))
+    assert await eventually(lambda: answers == ["lifespan.startup.complete"])
+    gate = commet_emulator.faults.hold_next(1)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        for path in ("/asearch/", "/search/", "/astatus/201/"):
+            assert (await client.get(path, headers=CUSTOMER)).status_code < 300
+    assert await eventually(lambda: gate.held == 1)
+    await lifespan.put({"type": "lifespan.shutdown"})
+    await asyncio.sleep(0.2)
+    assert not server.done()  # the shutdown waits for the delivery Commet holds
+    gate.release()
+    await asyncio.wait_for(server, 10)
+    assert answers == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert commet_emulator.usage_total("user_123", "api_calls") == 3
