@@ -96,6 +96,12 @@ def _importable(key: str, value: Any) -> Any:
     return value
 
 
+_LOOKUP_FAILED = (
+    "commet: finding the customer of a request (COMMET['customer'], or request.user) failed; "
+    "treated as no customer"
+)
+
+
 class _CustomerLookup:
     """Finds the paying customer of a Django request, in sync or async code.
 
@@ -115,17 +121,23 @@ class _CustomerLookup:
 
     def now(self, request: Any) -> str | None:
         """The customer, from sync code (a sync request, or a thread)."""
-        if self.default:
-            return _user_customer(getattr(request, "user", None))
         try:
+            if self.default:
+                return _user_customer(getattr(request, "user", None))
             result = self._call(request)
             if inspect.isawaitable(result):
                 # An async customer function in a sync request: run it to its end here.
                 result = async_to_sync(_awaited)(result)
         except Exception:
-            logger.exception("commet: the COMMET['customer'] function failed; no customer")
+            logger.exception(_LOOKUP_FAILED)
             return None
         return result if isinstance(result, str) else None
+
+    def later(self, request: Any) -> str | None:
+        """The customer, asked again from inside the request (``ctx.late_resolver``): in full
+        from sync code, what is known now from code on an event loop (an async view under a
+        sync stack runs on one), which must not query the database."""
+        return self.if_loaded(request) if _loop_running() else self.now(request)
 
     def if_loaded(self, request: Any) -> str | None:
         """The customer, from code on an event loop that must not block: what is known now."""
@@ -137,7 +149,7 @@ class _CustomerLookup:
         except SynchronousOnlyOperation:
             return None  # it needs the database; asked again once the view has returned
         except Exception:
-            logger.exception("commet: the COMMET['customer'] function failed; no customer")
+            logger.exception(_LOOKUP_FAILED)
             return None
         if inspect.isawaitable(result):
             if inspect.iscoroutine(result):
@@ -147,16 +159,16 @@ class _CustomerLookup:
 
     async def aresolve(self, request: Any) -> str | None:
         """The customer, from async code: a database lookup runs in Django's sync thread."""
-        if self.default:
-            user = _loaded_user(request)
-            if user is empty:
-                auser = getattr(request, "auser", None)  # Django 5.0+
-                if auser is not None:
-                    user = await auser()
-                else:
-                    user = await sync_to_async(_evaluated_user)(request)
-            return _user_customer(user)
         try:
+            if self.default:
+                user = _loaded_user(request)
+                if user is empty:
+                    auser = getattr(request, "auser", None)  # Django 5.0+
+                    if auser is not None:
+                        user = await auser()
+                    else:
+                        user = await sync_to_async(_evaluated_user)(request)
+                return _user_customer(user)
             try:
                 result: Any = self._call(request)
             except SynchronousOnlyOperation:
@@ -165,7 +177,7 @@ class _CustomerLookup:
             if inspect.isawaitable(result):
                 result = await result
         except Exception:
-            logger.exception("commet: the COMMET['customer'] function failed; no customer")
+            logger.exception(_LOOKUP_FAILED)
             return None
         return result if isinstance(result, str) else None
 
@@ -443,11 +455,12 @@ class CommetMiddleware:
         engine = self.billing
         engine.begin()
         call = _DjangoCall(engine, request)
-        call.arrived(engine.customers.now(request), partial(engine.customers.now, request))
+        call.arrived(engine.customers.now(request), partial(engine.customers.later, request))
         answer = call.admit_client_key()
         if answer is not None:
             return answer
         token = _current.set(call.ctx)
+        request.__dict__[_CALL_ATTRIBUTE] = call  # for process_exception
         try:
             try:
                 response = self.get_response(request)
@@ -457,7 +470,7 @@ class CommetMiddleware:
                 if answered is None:
                     raise
                 return answered
-            call.learn_customer(engine.customers.now(request))
+            # A customer still unknown is asked again when needed (ctx.late_resolver).
             response = call.started(response)
             if call.complete_on_return(response):
                 call.wait_committed()
@@ -473,11 +486,12 @@ class CommetMiddleware:
         await engine.abegin()
         call = _DjangoCall(engine, request)
         customers = engine.customers
-        call.arrived(await customers.aresolve(request), partial(customers.if_loaded, request))
+        call.arrived(await customers.aresolve(request), partial(customers.later, request))
         answer = call.admit_client_key()
         if answer is not None:
             return answer
         token = _current.set(call.ctx)
+        request.__dict__[_CALL_ATTRIBUTE] = call  # for process_exception
         try:
             try:
                 response = await self.get_response(request)
@@ -486,7 +500,8 @@ class CommetMiddleware:
                 if answered is None:
                     raise
                 return answered
-            if call.ctx.customer_id is None:
+            if call.may_bill_unknown_customer():
+                # The view may have logged the user in: ask once more, with the database.
                 call.learn_customer(await customers.aresolve(request))
             response = call.started(response)
             if call.complete_on_return(response):
@@ -560,7 +575,6 @@ class _DjangoCall:
         # 204, 304), or None when only the end of the stream completes it.
         self.body_left: int | None = None
         self.capture: ResponseCapture | None = None
-        request.__dict__[_CALL_ATTRIBUTE] = self
 
     # -- the request ----------------------------------------------------------------------
 
@@ -615,6 +629,13 @@ class _DjangoCall:
             return self.refuse()
         ctx.settle(billable=False)
         return None
+
+    def may_bill_unknown_customer(self) -> bool:
+        """After the view: True when usage may be billed and no customer is known yet."""
+        ctx = self.ctx
+        return ctx.customer_id is None and bool(
+            ctx.pending or ctx.customer_required or self.engine.rules.meter is not None
+        )
 
     def learn_customer(self, customer: str | None) -> None:
         """After the view: the customer as asked again (DRF authenticates inside the view)."""

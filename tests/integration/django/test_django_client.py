@@ -9,8 +9,10 @@ import re
 import threading
 from collections.abc import Callable, Generator
 from typing import Any
+from wsgiref.util import FileWrapper, setup_testing_defaults
 
 import pytest
+from django.contrib.auth.models import User
 from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.wsgi import WSGIHandler
 from werkzeug.test import Client as WerkzeugClient
@@ -416,3 +418,65 @@ def test_head_response_is_billed_with_its_headers(
     by_header()
     assert stack.request("HEAD", "/download/", headers=CUSTOMER).status_code == 200
     assert billed(sink) == [("user_123", "downloads", 1)]
+
+
+def serve_then_fail(result: Any) -> None:
+    """What a WSGI server does when a write fails: close the body while the error propagates."""
+    try:
+        try:
+            raise BrokenPipeError
+        finally:
+            result.close()
+    except BrokenPipeError:
+        pass
+
+
+def wsgi_environ(path: str) -> dict[str, Any]:
+    environ: dict[str, Any] = {"PATH_INFO": path, "HTTP_X_CUSTOMER_ID": "user_123"}
+    setup_testing_defaults(environ)
+    environ["wsgi.file_wrapper"] = FileWrapper
+    return environ
+
+
+@pytest.mark.django_db  # the WSGI handler's request signals check the database connection
+@pytest.mark.parametrize("client_stays", [True, False])
+def test_file_sent_by_the_server_is_billed_when_closed_after_sending(
+    by_header: Configure, sink: ListSink, client_stays: bool
+) -> None:
+    """Under a WSGI server's file_wrapper (sendfile), a FileResponse is billed when the server
+    closes it after sending; closed while an error propagates (client gone), it is not."""
+    engine = by_header()
+    started: list[str] = []
+    result = WSGIHandler()(
+        wsgi_environ("/download/"), lambda status, headers: started.append(status)
+    )
+    assert isinstance(result, FileWrapper)  # Django handed the server the file itself
+    assert sink.events == []
+    if client_stays:
+        assert b"".join(result) == b"x" * 10_000
+        result.close()
+    else:
+        assert next(iter(result))
+        serve_then_fail(result)
+    assert started == ["200 OK"]
+    assert billed(sink) == ([("user_123", "downloads", 1)] if client_stays else [])
+    assert engine.stats.incomplete_responses == (0 if client_stays else 1)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/search/", "/asearch/"])
+def test_user_is_found_when_authentication_runs_after_commet(
+    stack: Stack, commet_config: Configure, sink: ListSink, settings: Any, path: str
+) -> None:
+    """With AuthenticationMiddleware after CommetMiddleware the user is unknown on arrival and
+    found later, on both stacks: the logged-in user still pays."""
+    settings.MIDDLEWARE = [
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "commet_middleware.django.CommetMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+    ]
+    commet_config(sink=sink)
+    user = User.objects.create_user("lin")
+    stack.client.force_login(user)
+    assert stack.get(path).status_code == 200
+    assert billed(sink) == [(str(user.pk), "api_calls", 1)]
