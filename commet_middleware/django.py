@@ -19,6 +19,7 @@ never an error Django logs with a traceback. Only this module needs Django.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
@@ -309,8 +310,6 @@ class _DjangoBilling(MiddlewareSetup):
 
 
 def _loop_running() -> bool:
-    import asyncio
-
     try:
         asyncio.get_running_loop()
     except RuntimeError:
