@@ -3,7 +3,7 @@
 The server imports ``asgi_app`` (uvicorn) or ``wsgi_app`` (gunicorn) from here; which framework
 and case it builds comes from the environment the runner sets:
 
-    BENCH_FRAMEWORK  starlette | fastapi | flask
+    BENCH_FRAMEWORK  starlette | fastapi | flask | django
     BENCH_CASE       a key of CASES
     BENCH_SINK_URL   http://127.0.0.1:PORT, where every vendor URL points
     BENCH_SPOOL_DIR  a fresh directory per run, for the spool cases' files
@@ -21,7 +21,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from commet_middleware import (
     CommetMiddleware,
@@ -33,7 +33,7 @@ from commet_middleware import (
 from commet_middleware.customers import from_header
 from commet_middleware.delivery import DeliveryQueue
 
-FRAMEWORKS = ("starlette", "fastapi", "flask")
+FRAMEWORKS = ("starlette", "fastapi", "flask", "django")
 ASGI_FRAMEWORKS = frozenset({"starlette", "fastapi"})
 FEATURE = "api_calls"
 # A quota feature (bench/http/catalogue.toml) for the quota_guard cases.
@@ -71,7 +71,9 @@ class Case:
 
 def add_middleware(app: Any, framework: str, asgi: type, wsgi: type, **options: Any) -> None:
     """Install a middleware class the idiomatic way for ``framework``."""
-    if framework in ASGI_FRAMEWORKS:
+    if framework == "django":
+        app.add_middleware(asgi, options)
+    elif framework in ASGI_FRAMEWORKS:
         app.add_middleware(asgi, **options)
     else:
         app.wsgi_app = wsgi(app.wsgi_app, **options)
@@ -95,6 +97,16 @@ class PassthroughASGI:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self.app(scope, receive, send)
+
+
+class PassthroughDjango:
+    """The floor for Django: a middleware in MIDDLEWARE that only forwards the call."""
+
+    def __init__(self, get_response: Any) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: Any) -> Any:
+        return self.get_response(request)
 
 
 class PassthroughWSGI:
@@ -400,18 +412,78 @@ def _endpoint_flask(case: Case) -> Any:
     return app
 
 
+class DjangoProject:
+    """A Django project being put together: middlewares go in ``MIDDLEWARE`` (their options
+    in ``COMMET``), then :meth:`application` configures Django and returns its WSGI app."""
+
+    # Our middleware, and the passthrough floor, by the dotted paths MIDDLEWARE takes.
+    PATHS: ClassVar[dict[type, str]] = {
+        CommetMiddleware: "commet_middleware.django.CommetMiddleware",
+        PassthroughASGI: f"{__name__}.PassthroughDjango",
+    }
+
+    def __init__(self, case: Case) -> None:
+        from django.http import JsonResponse
+
+        def hello(request: Any) -> JsonResponse:
+            return JsonResponse({"message": "hello"})
+
+        self.view = case.decorate(hello) if case.decorate else hello
+        self.middleware: list[str] = []
+        self.commet: dict[str, Any] = {}
+
+    def add_middleware(self, asgi: type, options: dict[str, Any]) -> None:
+        """Add the Django counterpart of ``asgi``; the options become ``settings.COMMET``."""
+        if asgi not in self.PATHS:
+            raise ValueError(f"no Django counterpart of {asgi.__name__}")
+        self.middleware.append(self.PATHS[asgi])
+        self.commet = dict(options)
+
+    def application(self) -> Any:
+        import django
+        from django.conf import settings
+        from django.core.wsgi import get_wsgi_application
+        from django.urls import path
+
+        # A class is a URLconf too (anything with urlpatterns); no module of its own needed.
+        urlconf = type("BenchURLConf", (), {"urlpatterns": [path(PATH.lstrip("/"), self.view)]})
+        settings.configure(
+            DEBUG=False,
+            SECRET_KEY="bench-only",  # noqa: S106 - signs nothing: no sessions, no forms
+            ALLOWED_HOSTS=["127.0.0.1", "localhost"],
+            ROOT_URLCONF=urlconf,
+            INSTALLED_APPS=[],
+            DATABASES={},
+            MIDDLEWARE=self.middleware,
+            COMMET=self.commet,
+            USE_TZ=True,
+        )
+        django.setup()
+        return get_wsgi_application()
+
+
+# Cases whose install has no Django counterpart (a pure-ASGI/WSGI floor, the peers' SDKs).
+NOT_ON_DJANGO = frozenset({"floor", "apitally", "moesif"})
+
+
+def supports(framework: str, case_name: str) -> bool:
+    """Whether ``case_name`` can be built on ``framework``."""
+    return framework != "django" or case_name not in NOT_ON_DJANGO
+
+
 def build(framework: str, case_name: str, sink_url: str) -> Any:
     """Return the framework's app object with ``case_name`` installed."""
     builders = {
         "starlette": _endpoint_starlette,
         "fastapi": _endpoint_fastapi,
         "flask": _endpoint_flask,
+        "django": DjangoProject,
     }
     case = CASES[case_name]
     app = builders[framework](case)
     if case.install is not None:
         case.install(app, framework, sink_url)
-    return app
+    return app.application() if isinstance(app, DjangoProject) else app
 
 
 def _from_env() -> Any:

@@ -1,13 +1,16 @@
 """Side by side over real HTTP: what each middleware costs a hello-world endpoint under wrk.
 
-    ./dev bench http [--duration 10] [--rounds 3] [--frameworks starlette,fastapi,flask]
+    ./dev bench http [--duration 10] [--rounds 3] [--frameworks starlette,fastapi,flask,django]
                      [--cases bare,passthrough,zero_code,metered,apitally,moesif,...]
 
 Servers: uvicorn (1 worker, httptools, no access log) for Starlette and FastAPI; gunicorn with
 one sync worker (``flask-sync``) and one gthread worker with 4 threads (``flask-gthread``) for
-Flask. The server is pinned to core 0; wrk, the sink and py-spy to core 1. Every vendor URL
-points at the sink (``bench.http.sink``), so our cases deliver their events for real inside the
-measured run and the figure includes the background sender's CPU.
+Flask; gunicorn with one sync worker (``django-sync``) for Django, whose cases put our
+middleware in ``MIDDLEWARE`` with the same options in ``COMMET`` (the peers' SDKs and the
+pure-WSGI floor are not set up there). The server is pinned to core 0; wrk, the sink and
+py-spy to core 1. Every vendor URL points at the sink (``bench.http.sink``), so our cases
+deliver their events for real inside the measured run and the figure includes the background
+sender's CPU.
 
 Per server run: start, warm up (wrk, not measured), wait for the sink to go quiet, take the
 sink's counters, measure (wrk ``--latency``), read the server's peak RSS (VmHWM), wait for the
@@ -43,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 
-from bench.http.apps import CASES, CUSTOMER, CUSTOMER_HEADER, PATH
+from bench.http.apps import CASES, CUSTOMER, CUSTOMER_HEADER, PATH, supports
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -56,7 +59,11 @@ STACKS = {
     "flask": ["flask-sync", "flask-gthread"],
     "flask-sync": ["flask-sync"],
     "flask-gthread": ["flask-gthread"],
+    "django": ["django-sync"],
+    "django-sync": ["django-sync"],
 }
+# The stacks gunicorn serves (the others are uvicorn's).
+GUNICORN_STACKS = frozenset({"flask-sync", "flask-gthread", "django-sync"})
 DEFAULT_CASES = "bare,passthrough,zero_code,metered,apitally,moesif"
 # The sink's counters (bench/http/sink.py); a case's ``expects`` is one of them.
 COUNTERS = (
@@ -195,7 +202,7 @@ def server_argv(stack: str, port: int) -> list[str]:
             "--http", http, "--lifespan", "on", "--log-level", "warning",
             "--timeout-graceful-shutdown", "15",
         ]  # fmt: skip
-    worker = ["-k", "sync"] if stack == "flask-sync" else ["-k", "gthread", "--threads", "4"]
+    worker = ["-k", "gthread", "--threads", "4"] if stack == "flask-gthread" else ["-k", "sync"]
     return [
         sys.executable, "-m", "gunicorn", "-w", "1", *worker, "-b", ":".join(bind),
         "--log-level", "warning", "--graceful-timeout", "15", "bench.http.apps:wsgi_app",
@@ -208,7 +215,7 @@ def framework_of(stack: str) -> str:
 
 def serving_pid(server: subprocess.Popen[str], stack: str) -> int:
     """The process that runs the app: uvicorn's own, gunicorn's one worker."""
-    if stack.startswith("flask"):
+    if stack in GUNICORN_STACKS:
         children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
         if children:
             return int(children[0])
@@ -231,7 +238,7 @@ def wait_ready(port: int, server: subprocess.Popen[str], stack: str) -> None:
         try:
             with urllib.request.urlopen(request, timeout=2) as response:
                 if response.status == 200 and (
-                    not stack.startswith("flask") or serving_pid(server, stack) != server.pid
+                    stack not in GUNICORN_STACKS or serving_pid(server, stack) != server.pid
                 ):
                     return
         except OSError:
@@ -482,7 +489,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured seconds per run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--frameworks", default="starlette,fastapi,flask")
+    parser.add_argument("--frameworks", default="starlette,fastapi,flask,django")
     parser.add_argument("--cases", default=DEFAULT_CASES)
     parser.add_argument(
         "--emulator",
@@ -522,6 +529,8 @@ def main(argv: list[str]) -> int:
                 # Rotate the order each round, so no case always runs first (or last).
                 shift = (round_ - 1) % len(cases)
                 for case in cases[shift:] + cases[:shift]:
+                    if not supports(framework_of(stack), case):
+                        continue  # e.g. the peers' SDKs on Django: not set up here
                     run = run_case(stack, case, round_, args, sink_url)
                     runs.append(run)
                     delivered = (

@@ -33,6 +33,7 @@ __all__ = [
     "python_module",
     "send_calls",
     "server_env",
+    "tally",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -1,0 +1,1 @@
+"""A Django project whose usage is billed through Commet (``commet_middleware.django``)."""
