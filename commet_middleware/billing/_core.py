@@ -87,10 +87,12 @@ class BillingCall:
         method: str,
         content_length: str | None,
         feature: str | None = None,
+        path: str = "",
     ) -> Refusal | None:
         """The app's response starts with ``status`` (None: unreadable, never billed).
 
-        ``feature`` is the zero-code feature the adapter found for this request. Returns the
+        ``feature`` is the zero-code feature the adapter found for this request (``path`` only
+        names the request in a log line). Returns the
         refusal to send instead of the app's response (the request is then settled unbilled),
         or None to forward the app's start with :meth:`extra_headers`.
         """
@@ -99,7 +101,7 @@ class BillingCall:
         ctx.status = status
         self.feature = feature
         if ctx.refusal is not None or (ctx.reject_missing_customer and self._customer_missing()):
-            return self.refuse(method)
+            return self.refuse(method, path)
         rules = self.rules
         if status is None:
             self.billable = False

@@ -327,6 +327,7 @@ class _HTTPCall(BillingCall):
             method=scope.get("method", "GET"),
             content_length=_content_length(message.get("headers", ())),
             feature=None if rules.meter is None else self._zero_code_feature(),
+            path=scope["path"],
         )
         if refusal is not None:
             return refusal

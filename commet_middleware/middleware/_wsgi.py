@@ -258,6 +258,7 @@ class _WSGICall(BillingCall):
             method=self.environ.get("REQUEST_METHOD", "GET"),
             content_length=content_length,
             feature=None if self.rules.meter is None else self._zero_code_feature(),
+            path=self._path(),
         )
         if refusal is not None:
             self._answer(refusal, exc_info)

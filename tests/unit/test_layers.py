@@ -44,6 +44,9 @@ ADAPTERS = {
     "middleware._asgi": "asgi",
     "middleware._wsgi": "wsgi",
     "flask": "wsgi",
+    "middleware._django": "django",
+    "middleware._django_config": "django",
+    "middleware._django_users": "django",
     "django": "django",
 }
 

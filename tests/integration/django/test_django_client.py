@@ -18,7 +18,7 @@ from django.core.handlers.wsgi import WSGIHandler
 from werkzeug.test import Client as WerkzeugClient
 
 from commet_middleware import CommetWSGIMiddleware, UsageEvent
-from commet_middleware._context import REJECTION_BODY
+from commet_middleware.billing._refusals import REJECTION_BODY
 from commet_middleware.customers import from_header
 from commet_middleware.django import billing, response_data
 from integration.conftest import ListSink
