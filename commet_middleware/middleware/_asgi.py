@@ -204,7 +204,11 @@ class CommetMiddleware(MiddlewareSetup):
             call.ended()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        asked = False  # whether the app read a lifespan message
+
         async def receive_wrapper() -> Message:
+            nonlocal asked
+            asked = True
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._sinks.start()
@@ -219,7 +223,34 @@ class CommetMiddleware(MiddlewareSetup):
                 await self._gates.aclose()
             await send(message)
 
-        await self.app(scope, receive_wrapper, send_wrapper)
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except Exception:
+            if asked:
+                raise
+            # The app refuses lifespan without reading it (Django's ASGI app does). Answer it
+            # here: otherwise nothing tells this process it is about to stop, and uvicorn ends
+            # a SIGTERM'd process by re-raising the signal, so no exit hook flushes the queue.
+            logger.debug("commet: the app does not handle lifespan; CommetMiddleware answers it")
+            await self._answer_lifespan(receive, send)
+
+    async def _answer_lifespan(self, receive: Receive, send: Send) -> None:
+        """Run the lifespan protocol for an app that has none: start, and flush at shutdown."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._sinks.start()
+                try:
+                    await self._astartup_checks()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self._sinks.aclose()
+                await self._gates.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
 
 def _encode(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:

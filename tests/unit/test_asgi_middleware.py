@@ -574,6 +574,59 @@ def test_lifespan_starts_and_flushes_the_owned_queue(monkeypatch: pytest.MonkeyP
     assert order == ["start", "lifespan.startup.complete", "aclose", "lifespan.shutdown.complete"]
 
 
+def test_lifespan_is_answered_for_an_app_that_refuses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An app that raises on lifespan without reading it (Django's ASGI app) still gets its
+    queue started at startup and flushed before shutdown.complete: the middleware answers."""
+    monkeypatch.setattr("commet_middleware.delivery.DeliveryQueue", _FakeQueue)
+    order: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise ValueError(f"cannot handle {scope['type']}")
+
+    mw = CommetMiddleware(app, api_key="ck_test")
+    queue = mw.sink
+    assert isinstance(queue, _FakeQueue)
+
+    async def main() -> None:
+        incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+        async def receive() -> Message:
+            return incoming.pop(0)
+
+        async def send(message: Message) -> None:
+            order.extend(queue.log)
+            queue.log.clear()
+            order.append(message["type"])
+
+        await mw({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+
+    asyncio.run(main())
+    assert order == ["start", "lifespan.startup.complete", "aclose", "lifespan.shutdown.complete"]
+
+
+def test_an_app_failing_its_own_startup_is_not_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An app that read the startup and then raised failed its startup: the error propagates."""
+    monkeypatch.setattr("commet_middleware.delivery.DeliveryQueue", _FakeQueue)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        raise RuntimeError("database unreachable")
+
+    mw = CommetMiddleware(app, api_key="ck_test")
+
+    async def main() -> None:
+        async def receive() -> Message:
+            return {"type": "lifespan.startup"}
+
+        async def send(message: Message) -> None:
+            raise AssertionError(f"nothing is answered for the app: {message}")
+
+        await mw({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+
+    with pytest.raises(RuntimeError, match="database unreachable"):
+        asyncio.run(main())
+
+
 def test_queue_starts_lazily_without_lifespan(monkeypatch: pytest.MonkeyPatch) -> None:
     """With no lifespan, the first request starts the owned queue (once)."""
     monkeypatch.setattr("commet_middleware.delivery.DeliveryQueue", _FakeQueue)
