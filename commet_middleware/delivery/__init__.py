@@ -15,6 +15,7 @@ counters, the current worker):
 - ``_items``: the item on its way, the stats, ``UndeliveredError``, the seams' types;
 - ``_aggregation``: what an aggregate is (sum, key, timestamp) and the window groups;
 - ``_folding``: a sender behind folds waiting events of one group into one exact event;
+- ``_pacing``: a sender behind takes partial batches at most every 20 ms, so more of it folds;
 - ``_sealing``: places each operation: queued, folded, or held in its window's group;
 - ``_reporting``: rate-limited log lines about retries, configuration failures, dead letters;
 - ``_ordering``: the per-(customer, feature) turns of quota changes;

@@ -57,6 +57,7 @@ from ._items import (
     redact,
 )
 from ._ordering import QuotaTurns
+from ._pacing import Pacer
 from ._reporting import DeliveryReport
 from ._sealing import Sealer
 from ._spool_bridge import SpoolBridge, spool_call
@@ -138,8 +139,11 @@ class Pump:
         rng: random.Random,
         listeners: list[DeliveryListener],
         report: DeliveryReport,
+        pacer: Pacer | None = None,
     ) -> None:
         self.report = report
+        # Paces partial takes while folding (None: window aggregation, or folding off).
+        self._pacer = pacer
         self._state = state
         self._turns = turns
         self._sealer = sealer
@@ -180,6 +184,20 @@ class Pump:
                             sealer.seal_due()
                         else:  # a spool transaction per group: off the (app's) event loop
                             await spool_call(worker, sealer.seal_due)
+                pacer = self._pacer
+                if pacer is not None:
+                    pause = pacer.delay()
+                    if pause > 0:
+                        # Behind: let the waiting events fold a while longer (see _pacing); a
+                        # full batch waiting, a flush or a stop ends the wait.
+                        with state.lock:
+                            state.wake_at = pacer.full
+                        try:
+                            await self._wait_for_wakeup(worker, pause)
+                        finally:
+                            with state.lock:
+                                state.wake_at = 0
+                        continue
                 limit = min(worker.free_slots, self._settings.batch_size)
                 batch = self.take(worker, limit)
                 if batch is None:
@@ -256,6 +274,8 @@ class Pump:
                 return []
             worker.owned.update(batch)
             worker.in_flight += len(batch)
+            if self._pacer is not None:
+                self._pacer.took(len(batch))
             return batch
 
     async def _make_client(self, worker: Worker) -> OperationSender | None:

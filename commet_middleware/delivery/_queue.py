@@ -51,6 +51,7 @@ from ._items import (
     describe,
 )
 from ._ordering import QuotaTurns
+from ._pacing import Pacer
 from ._pump import BACKOFF_CAP, Pump, default_encoder, default_sender_factory
 from ._reporting import DeliveryReport
 from ._sealing import Sealer
@@ -168,6 +169,11 @@ class DeliveryQueue:
             rng=self._rng,
             listeners=self._listeners,
             report=self._report,
+            pacer=(
+                Pacer(state, full=min(settings.max_concurrency, settings.batch_size))
+                if self._sealer.folds is not None
+                else None
+            ),
         )
 
     def _run_worker(self, worker: Worker) -> Coroutine[Any, Any, None]:
@@ -308,8 +314,27 @@ class DeliveryQueue:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued is delivered or given up; False if ``timeout`` ran out.
 
-        Call it from any thread but the sender's event loop (there, ``await aflush()``).
+        Call it from any thread but the sender's event loop (there, ``await aflush()``). The
+        sender is not paced while a flush waits.
         """
+        state = self._flushing(None, +1)
+        try:
+            return self._flush(timeout)
+        finally:
+            self._flushing(state, -1)
+
+    def _flushing(self, state: QueueState | None, change: int) -> QueueState:
+        """Count a flush in (on the current state) or out (on the state it counted in on: a
+        fork during the flush replaces the state)."""
+        state = state or self._state
+        with state.lock:
+            state.flushing += change
+            worker = state.worker
+        if change > 0 and worker is not None:
+            self._slot.poke(worker)  # out of a pace's wait (see _pacing): send what waits now
+        return state
+
+    def _flush(self, timeout: float | None) -> bool:
         try:
             self._check_fork()
             if timeout is None:
@@ -349,6 +374,13 @@ class DeliveryQueue:
 
     async def aflush(self, timeout: float | None = None) -> bool:
         """Like :meth:`flush`, without blocking the event loop."""
+        state = self._flushing(None, +1)
+        try:
+            return await self._aflush(timeout)
+        finally:
+            self._flushing(state, -1)
+
+    async def _aflush(self, timeout: float | None) -> bool:
         try:
             if timeout is None:
                 timeout = self.settings.shutdown_timeout

@@ -33,6 +33,11 @@ class QueueState:
         self.idle = False
         # Set by a close whose flush ran out of time: the worker sends nothing new.
         self.closing = False
+        # Flushes (and closes) waiting right now: while one waits the sender is not paced.
+        self.flushing = 0
+        # While the sender waits out a pace (see _pacing): a queue this deep wakes it (0: not
+        # waiting so).
+        self.wake_at = 0
         self.pending = 0
         # Members that joined a waiting fold (see _folding): counted in ``pending``, but taking
         # no place of their own, so ``pending - folded`` is what the queue holds.
