@@ -329,9 +329,12 @@ class DeliveryQueue:
         state = state or self._state
         with state.lock:
             state.flushing += change
-            worker = state.worker
-        if change > 0 and worker is not None:
-            self._slot.poke(worker)  # out of a pace's wait (see _pacing): send what waits now
+            worker = state.worker if change > 0 and state.wake_at else None
+        if worker is not None:  # waiting out a pace (see _pacing): send what waits now
+            try:
+                self._slot.poke(worker)
+            except Exception:  # its loop is gone: the flush replaces it
+                logger.debug("commet: could not wake the paced sender", exc_info=True)
         return state
 
     def _flush(self, timeout: float | None) -> bool:

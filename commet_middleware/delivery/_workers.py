@@ -90,10 +90,12 @@ class Worker(ABC):
             if all_waits:
                 self.slot_free.set()
 
+        loop = self.loop
         if self.on_this_thread():
+            if loop is not None and loop.is_closed():
+                return False  # its loop was closed without cancelling it
             wake()
             return True
-        loop = self.loop
         if loop is None:
             return True  # still starting: it looks at the queue before it ever waits
         try:

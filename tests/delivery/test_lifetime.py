@@ -123,3 +123,26 @@ def test_module_flush_reports_a_timeout(make_queue: QueueFactory, sender: FakeSe
     assert not commet_middleware.flush(0.1)
     sender.gate.set()
     assert commet_middleware.flush(5)
+
+
+def test_close_on_the_thread_of_a_loop_closed_under_its_sender(
+    make_queue: QueueFactory, sender: FakeSender, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A loop closed without cancelling the sender's task (``run_until_complete`` then
+    ``close()``, as some harnesses do), everything delivered, then ``close()`` on that same
+    thread: the dead sender is not woken on its closed loop (which raised "Event loop is
+    closed" out of close); close reports success, and a later event still goes out."""
+    queue = make_queue(fold_when_behind=True)
+    loop = asyncio.new_event_loop()
+
+    async def record() -> None:
+        queue.enqueue(event("on-loop"))
+        assert await asyncio.to_thread(wait_until, lambda: sender.completed == ["on-loop"])
+
+    loop.run_until_complete(record())
+    loop.close()
+    assert queue.close(5)
+    assert "close failed" not in caplog.text
+    queue.enqueue(event("after"))
+    assert queue.flush(5)
+    assert sender.completed == ["on-loop", "after"]
