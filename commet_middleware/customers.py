@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from http.cookies import CookieError, SimpleCookie
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 from urllib.parse import parse_qs
 
 from ._errors import CustomerRequiredError
@@ -151,10 +151,20 @@ def from_header(name: str) -> CustomerResolver:
 
     def resolve(source: Mapping[str, Any]) -> str | None:
         if "REQUEST_METHOD" in source or "type" not in source:  # a WSGI environ
-            return _clean(_utf8_again(source.get(environ_key)))
+            text = source.get(environ_key)
+            if type(text) is not str:
+                return _clean(text)
+            if not text.isascii():
+                text = cast("str", _utf8_again(text))
+            text = text.strip()
+            return _acceptable(text) if text else None
         for key, value in source.get("headers") or ():
             if key == wanted or key.lower() == wanted:
-                found = _decoded(bytes(value)).strip()
+                raw = bytes(value)
+                try:  # _decoded, inline: it runs on every request
+                    found = raw.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    found = raw.decode("latin-1").strip()
                 return _acceptable(found) if found else None
         return None
 
@@ -388,6 +398,11 @@ def resolve_now(resolver: CustomerResolver, source: Mapping[str, Any]) -> str | 
     except Exception:
         _logger.exception("commet: customer resolver %r failed; treating as no customer", resolver)
         return None
+    if result is None:
+        return None
+    if type(result) is str:  # the common answer, checked without _clean's detours
+        found = result.strip()
+        return _acceptable(found) if found else None
     if inspect.isawaitable(result):
         # Only a sync call site gets here (WSGI, or a sync endpoint): the value cannot be read.
         if inspect.iscoroutine(result):

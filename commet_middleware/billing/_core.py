@@ -45,7 +45,7 @@ class Phase(enum.Enum):
 
 
 # Phases after which nothing is left to decide.
-_SETTLED = frozenset({Phase.COMPLETE, Phase.ABANDONED, Phase.REFUSED})
+SETTLED = frozenset({Phase.COMPLETE, Phase.ABANDONED, Phase.REFUSED})
 
 
 class BillingCall:
@@ -172,7 +172,7 @@ class BillingCall:
     def ended(self) -> None:
         """The adapter is done with the request (always called last): settle what is left,
         unbilled, counting a started response that never completed."""
-        if self.phase not in _SETTLED:
+        if self.phase not in SETTLED:
             self._abandon()
 
     def refuse(self, method: str = "", path: str = "") -> Refusal:
@@ -206,7 +206,7 @@ class BillingCall:
         """
         if self.phase is Phase.RUNNING:
             return True
-        if self.phase not in _SETTLED:
+        if self.phase not in SETTLED:
             self._abandon()
         return False
 

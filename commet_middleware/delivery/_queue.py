@@ -217,7 +217,10 @@ class DeliveryQueue:
             with state.lock:
                 # A usage event is never refused when it can fold: it joins its group's waiting
                 # fold, or opens one (bounded by the groups waiting, not by the request rate).
-                if state.has_room() or (self._folding and isinstance(operation, UsageEvent)):
+                # (state.has_room(), inline: this runs on every billed request.)
+                if state.pending - state.folded < state.limit or (
+                    self._folding and isinstance(operation, UsageEvent)
+                ):
                     state.pending += 1
                     state.queued += 1
                     # No item yet: an aggregated usage event waits as a tuple (see Packed).

@@ -17,7 +17,7 @@ from commet_middleware._settings import (
     StartupCheck,
 )
 from commet_middleware.billing._context import EventSink, _current
-from commet_middleware.billing._core import BillingCall
+from commet_middleware.billing._core import BillingCall, Phase
 from commet_middleware.billing._refusals import (
     CustomerRequiredError,
     Refusal,
@@ -253,6 +253,9 @@ class CommetMiddleware(MiddlewareSetup):
                 return
 
 
+_REFUSED = Phase.REFUSED
+
+
 def _encode(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
 
@@ -316,7 +319,7 @@ class _HTTPCall(BillingCall):
         return replay_receive(messages, receive)
 
     async def send(self, message: Message) -> None:
-        if self.refused:
+        if self.phase is _REFUSED:
             return  # the app's own response was replaced by the refusal
         if self.capture is not None:
             capture_asgi(self.capture, message)
@@ -334,7 +337,7 @@ class _HTTPCall(BillingCall):
                 await self.answer(started)
                 return
             message = started
-            completes = self.complete_at_start
+            completes = self.body_left == 0  # the start alone completes it (HEAD, 204, 304)
         else:
             completes = kind == "http.response.pathsend"
         # Settled (spooled) before the message that lets the client have the whole response.

@@ -18,7 +18,7 @@ from commet_middleware._settings import (
     StartupCheck,
 )
 from commet_middleware.billing._context import EventSink, _current
-from commet_middleware.billing._core import BillingCall
+from commet_middleware.billing._core import SETTLED, BillingCall, Phase
 from commet_middleware.billing._refusals import (
     CUSTOMER_REQUIRED,
     CustomerRequiredError,
@@ -225,9 +225,9 @@ class _WSGICall(BillingCall):
             raise
         wrapper_type = self.environ.get("wsgi.file_wrapper")
         if (
-            not self.refused
-            and isinstance(wrapper_type, type)
+            isinstance(wrapper_type, type)
             and isinstance(result, wrapper_type)
+            and not self.refused
             and self._hook_file_wrapper(result)
         ):
             return result
@@ -258,7 +258,8 @@ class _WSGICall(BillingCall):
             method=self.environ.get("REQUEST_METHOD", "GET"),
             content_length=content_length,
             feature=None if self.rules.meter is None else self._zero_code_feature(),
-            path=self._path(),
+            # Only a refusal's log line names the path: worked out only when one can happen.
+            path=self._path() if ctx.refusal is not None or ctx.reject_missing_customer else "",
         )
         if refusal is not None:
             self._answer(refusal, exc_info)
@@ -315,7 +316,12 @@ class _WSGICall(BillingCall):
             self._start_response(status_line(refusal.status), headers)
 
     def finish(self, *, complete: bool) -> None:
-        """The body is all handed over (``complete``) or given up: settle the request."""
+        """The body is all handed over (``complete``) or given up: settle the request.
+
+        Called up to three times per response (its last chunk, its end, its close): the first
+        settles, the others return at once."""
+        if self.phase in SETTLED:
+            return
         if complete:
             if self.before_last():  # before the last chunk goes out: the spool's group commit
                 self.ctx.wait_committed()
@@ -364,6 +370,8 @@ def _read_body(environ: WSGIEnvironment) -> bytes | None:
     return bytes(body)
 
 
+_REFUSED = Phase.REFUSED
+
 # What ``next`` returns here for an exhausted body (see _BillingIterable.__next__).
 _END = cast("bytes", object())
 
@@ -406,7 +414,7 @@ class _BillingIterable:
 
     def __next__(self) -> bytes:
         call = self._call
-        if call.refused:
+        if call.phase is _REFUSED:
             return self._next_rejection_chunk()
         try:
             iterator = self._iterator
@@ -434,7 +442,7 @@ class _BillingIterable:
             self._exhausted = True
             call.finish(complete=True)
             raise StopIteration
-        if call.refused:  # start_response in this very chunk decided to refuse
+        if call.phase is _REFUSED:  # start_response in this very chunk decided to refuse
             return self._next_rejection_chunk()
         if call.capture is not None:
             call.capture.add(chunk)
