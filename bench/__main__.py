@@ -13,6 +13,7 @@ BENCHMARKS = {
     "sender_http": "bench.sender_http",
     "soak": "bench.soak",
     "spool_cost": "bench.spool_cost",
+    "worker_modes": "bench.worker_modes",
 }
 
 
