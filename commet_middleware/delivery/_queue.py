@@ -177,6 +177,9 @@ class DeliveryQueue:
         )
 
     def _run_worker(self, worker: Worker) -> Coroutine[Any, Any, None]:
+        # A sender starts: the process's flush and exit hooks count this queue again (a close
+        # took it off).
+        _process.live_queues.add(self)
         # Through the queue, not the pump's bound method: the slot is built before the pump.
         return self._pump.run(worker)
 
@@ -442,6 +445,9 @@ class DeliveryQueue:
                 worker.join(_JOIN_TIMEOUT)
             self._abandon(leftovers)
             self._report.close()
+            # Closed: what it held is delivered, reported or on disk. The process-wide flush
+            # and the exit hook leave it alone until a later enqueue starts a sender again.
+            _process.live_queues.discard(self)
         except Exception:
             logger.exception("commet: close failed")
             return False
@@ -466,6 +472,9 @@ class DeliveryQueue:
                 await worker.wait_stopped(_JOIN_TIMEOUT)
             self._abandon(leftovers)
             self._report.close()
+            # Closed: what it held is delivered, reported or on disk. The process-wide flush
+            # and the exit hook leave it alone until a later enqueue starts a sender again.
+            _process.live_queues.discard(self)
         except Exception:
             logger.exception("commet: close failed")
             return False

@@ -146,3 +146,26 @@ def test_close_on_the_thread_of_a_loop_closed_under_its_sender(
     queue.enqueue(event("after"))
     assert queue.flush(5)
     assert sender.completed == ["on-loop", "after"]
+
+
+def test_a_closed_queue_no_longer_holds_up_the_process_wide_flush(
+    make_queue: QueueFactory, sender: FakeSender
+) -> None:
+    """A queue closed with an event it could not deliver (its sends hang) is off the process's
+    list: ``commet_middleware.flush()`` answers for the queues still in use at once instead of
+    waiting its whole timeout on it. An enqueue after the close puts it back on the list, and
+    the module flush delivers that event."""
+    from commet_middleware.delivery import _process
+
+    stuck = make_queue()
+    sender.gated_prefix = "stuck"
+    stuck.enqueue(event("stuck-1"))
+    assert wait_until(lambda: len(sender.attempts) == 1)
+    assert not stuck.close(0.3)
+    assert stuck not in _process.live_queues
+    assert commet_middleware.flush(5)
+    sender.gated_prefix = None
+    stuck.enqueue(event("again"))
+    assert stuck in _process.live_queues
+    assert commet_middleware.flush(5)
+    assert "again" in sender.completed
