@@ -142,6 +142,7 @@ class DeliveryQueue:
             run=self._run_worker,
             prepare_thread=_process.import_http_stack if default_client else None,
             keep_polling=spool is not None,
+            on_start=self._in_use,
         )
         self._bridge = (
             None
@@ -177,11 +178,13 @@ class DeliveryQueue:
         )
 
     def _run_worker(self, worker: Worker) -> Coroutine[Any, Any, None]:
-        # A sender starts: the process's flush and exit hooks count this queue again (a close
-        # took it off).
-        _process.live_queues.add(self)
         # Through the queue, not the pump's bound method: the slot is built before the pump.
         return self._pump.run(worker)
+
+    def _in_use(self) -> None:
+        """A sender is starting: the process's flush and exit hooks count this queue again
+        (a close took it off their list)."""
+        _process.live_queues.add(self)
 
     def _check_fork(self) -> None:
         if self._generation != _process.fork_generation:

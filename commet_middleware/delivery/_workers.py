@@ -237,8 +237,9 @@ class WorkerSlot:
     stops a worker thread for a fork.
 
     ``prepare_thread`` runs in the starting thread before a worker thread starts (the up-front
-    HTTP stack import); ``keep_polling``: a spooled queue's worker also polls, so one stopped for
-    a fork is restarted even with nothing pending.
+    HTTP stack import); ``on_start`` there too, each time a worker is made current;
+    ``keep_polling``: a spooled queue's worker also polls, so one stopped for a fork is restarted
+    even with nothing pending.
     """
 
     def __init__(
@@ -249,8 +250,11 @@ class WorkerSlot:
         run: Run,
         prepare_thread: Callable[[], None] | None = None,
         keep_polling: bool = False,
+        on_start: Callable[[], None] | None = None,
     ) -> None:
         self._state = state
+        # Told, in the starting thread, each time a worker is made current.
+        self._on_start = on_start
         self._max_concurrency = max_concurrency
         self._run = run
         self._prepare_thread = prepare_thread
@@ -295,6 +299,8 @@ class WorkerSlot:
                 state.detach(current, requeue=True)
             state.worker = worker
             state.idle = False
+        if self._on_start is not None:
+            self._on_start()
 
     def poke(self, worker: Worker, *, all_waits: bool = False) -> None:
         """Wake ``worker``; replace it if its loop is closed (unless waking it to stop)."""
