@@ -28,10 +28,11 @@ Choices the emulator makes where Commet's reference is silent (clients may rely 
 
 from __future__ import annotations
 
-from ._app import LEGACY_SUNSET
+from ._app import LEGACY_SUNSET, RequestHandler
 from ._catalogue import Catalogue, CustomerSpec, FeatureSpec, load_catalogue
 from ._fake import FakeCommet
-from ._faults import Faults, Hold
+from ._faults import FaultDecision, Faults, Hold, Wait
+from ._install import Installation
 from ._ledger import QuotaAllowance, RecordedEvent, RecordedQuotaEvent, RecordedRequest
 from ._transport import EmulatorTransport
 
@@ -41,12 +42,16 @@ __all__ = [
     "CustomerSpec",
     "EmulatorTransport",
     "FakeCommet",
+    "FaultDecision",
     "Faults",
     "FeatureSpec",
     "Hold",
+    "Installation",
     "QuotaAllowance",
     "RecordedEvent",
     "RecordedQuotaEvent",
     "RecordedRequest",
+    "RequestHandler",
+    "Wait",
     "load_catalogue",
 ]
