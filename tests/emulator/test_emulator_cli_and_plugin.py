@@ -171,13 +171,17 @@ def test_public_names_are_pinned() -> None:
         "CustomerSpec",
         "EmulatorTransport",
         "FakeCommet",
+        "FaultDecision",
         "Faults",
         "FeatureSpec",
         "Hold",
+        "Installation",
         "QuotaAllowance",
         "RecordedEvent",
         "RecordedQuotaEvent",
         "RecordedRequest",
+        "RequestHandler",
+        "Wait",
         "load_catalogue",
     ]
     # Sorted as ruff's RUF022 sorts: SCREAMING_CASE, then CamelCase, then the rest.
