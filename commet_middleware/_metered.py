@@ -195,6 +195,32 @@ def _record(
     result: object,
     explicit_customer: str | None,
 ) -> None:
+    if ctx.direct or not (callable(value) or callable(properties)):
+        measured = _measure(ctx, feature, value, properties, result)
+        if measured is not None:
+            ctx.record(feature, *measured, explicit_customer)
+        return
+    # Functions of the result run only if the response is billed (at its settle): an error
+    # response the view returned (a 422 JSONResponse) is not billed, so nothing is measured
+    # and a value function written for the success shape is never fed the error's.
+    ctx.record(
+        feature,
+        0,
+        None,
+        explicit_customer,
+        measure=lambda: _measure(ctx, feature, value, properties, result),
+    )
+
+
+def _measure(
+    ctx: RequestContext,
+    feature: str,
+    value: ValueSpec,
+    properties: PropertiesSpec,
+    result: object,
+) -> tuple[int | float, dict[str, str] | None] | None:
+    """Compute and check the value and properties of one usage; None (logged, counted) if the
+    value cannot be billed. Bad properties are dropped with a WARNING, the usage kept."""
     try:
         computed_value = value(result) if callable(value) else value
         checked_value = validate_recorded_value(computed_value)
@@ -206,7 +232,7 @@ def _record(
             ctx.request_id,
         )
         ctx.count_invalid()
-        return
+        return None
     # Properties only describe the usage: a bad one is dropped or cut (one WARNING), never the
     # billable event with it.
     try:
@@ -219,4 +245,4 @@ def _record(
         )
         computed_props = None
     pairs = clean_properties(computed_props, feature)
-    ctx.record(feature, checked_value, dict(pairs) if pairs else None, explicit_customer)
+    return checked_value, dict(pairs) if pairs else None

@@ -99,6 +99,10 @@ class PendingQuota:
     count: int = 0
 
 
+Measure = Callable[[], "tuple[int | float, dict[str, str] | None] | None"]
+"""Computes a pending usage's value and properties when its request settles billable."""
+
+
 class PendingUsage(NamedTuple):
     """A usage event recorded during a request, billed only if the request succeeds.
 
@@ -113,6 +117,10 @@ class PendingUsage(NamedTuple):
     timestamp: str
     # An explicit customer from ``@metered(customer=...)``; None means the request's customer.
     customer_id: str | None = None
+    # Computes (value, properties) when the request settles billable (``@metered`` functions of
+    # the result), or None when that value cannot be billed (it logged and counted why);
+    # ``value`` and ``properties`` above are then placeholders.
+    measure: Measure | None = None
 
 
 class MeteringStats:
@@ -258,11 +266,15 @@ class RequestContext:
         value: int | float,
         properties: dict[str, str] | None,
         customer_id: str | None = None,
+        *,
+        measure: Measure | None = None,
     ) -> None:
         """Record one usage: pending in a request, enqueued at once in a direct context.
 
-        The caller has validated feature, value and properties. Raises
-        ``CustomerRequiredError`` only in a direct context that has no customer.
+        The caller has validated feature, value and properties; or ``measure`` computes them
+        when the request settles billable (never for a response that is not billed). Its key
+        and timestamp are taken now either way. Raises ``CustomerRequiredError`` only in a
+        direct context that has no customer.
         """
         pending = PendingUsage(
             feature=feature,
@@ -271,6 +283,7 @@ class RequestContext:
             idempotency_key=self.next_key(feature),
             timestamp=utc_timestamp(),
             customer_id=customer_id,
+            measure=measure,
         )
         if self.direct:
             customer = customer_id or self.customer()
@@ -432,6 +445,11 @@ class RequestContext:
             self.stats.add("quota_changes_enqueued")
 
     def _enqueue(self, item: PendingUsage, customer: str) -> bool:
+        if item.measure is not None:
+            measured = item.measure()
+            if measured is None:
+                return False  # logged and counted by the measure
+            item = item._replace(value=measured[0], properties=measured[1], measure=None)
         try:
             # Feature and value were validated when recorded; the customer is new. Properties
             # only describe the usage: a bad one is cleaned (one WARNING), the event still billed.
