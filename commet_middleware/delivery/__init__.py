@@ -12,6 +12,7 @@ One job per module, all over one shared state (``_state.QueueState``: the lock, 
 counters, the current worker):
 
 - ``_queue``: ``DeliveryQueue``, admission and overflow, flush and close, the counters' snapshots;
+- ``_leftovers``: what a close could not deliver, taken off the queue and reported once;
 - ``_items``: the item on its way, the stats, ``UndeliveredError``, the seams' types;
 - ``_aggregation``: what an aggregate is (sum, key, timestamp) and the window groups;
 - ``_folding``: a sender behind folds waiting events of one group into one exact event;

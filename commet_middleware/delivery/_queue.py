@@ -17,10 +17,10 @@ past the limit instead would trade a counted loss for an out-of-memory kill that
 queued event silently. With a spool, overflow spills to it. ``"spool"`` without ``spool_path``
 behaves like ``"block"`` (a warning says so once). ``"drop"`` refuses at once, just as loudly.
 
-Events still undelivered when ``close`` times out are reported the same way (reason
-``"shutdown"``, counted in ``dead_lettered``); ``close`` hands back the members of groups it could
-not seal and send, one by one, and those of a quota aggregate it could not deliver. Parked quota
-changes count as pending; ``close`` hands them back like the rest.
+Events still undelivered when ``close`` times out are reported the same way (``_leftovers``:
+reason ``"shutdown"``, counted in ``dead_lettered``); ``close`` hands back the members of groups
+it could not seal and send, one by one, and those of a quota aggregate it could not deliver.
+Parked quota changes count as pending; ``close`` hands them back like the rest.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from commet_middleware._settings import CommetSettings
 from commet_middleware._spool import Spool
 
 from . import _process
-from ._folding import UsageFold
 from ._items import (
     AggregationStats,
     DeliveryListener,
@@ -50,6 +49,7 @@ from ._items import (
     UndeliveredError,
     describe,
 )
+from ._leftovers import Leftovers
 from ._ordering import QuotaTurns
 from ._pacing import Pacer
 from ._pump import BACKOFF_CAP, Pump, default_encoder, default_sender_factory
@@ -110,9 +110,6 @@ class DeliveryQueue:
         self._listeners: list[DeliveryListener] = []
         # Survives a fork's reset: a rate limit of log lines is per process anyway.
         self._report = DeliveryReport(logger)
-        self._unanswered: set[Item] = set()
-        # How many operations the last close found undelivered (in the spool or not).
-        self._left_behind = 0
         self._reset()
         if sender_factory is None:
             _process.import_http_stack()
@@ -175,6 +172,9 @@ class DeliveryQueue:
                 if self._sealer.folds is not None
                 else None
             ),
+        )
+        self._leftovers = Leftovers(
+            state, turns=turns, sealer=self._sealer, bridge=self._bridge, pump=self._pump
         )
 
     def _run_worker(self, worker: Worker) -> Coroutine[Any, Any, None]:
@@ -433,7 +433,7 @@ class DeliveryQueue:
         The timeout covers it all: the flush, then up to a fifth of it (at most
         ``_ANSWER_GRACE``) in which nothing new is sent and the sends in flight may still be
         answered (an answered one is delivered, not "undelivered"). What is left is reported
-        exactly (see ``_abandon``). The queue stays usable: a later enqueue starts a new sender.
+        exactly (see ``_leftovers``). The queue stays usable: a later enqueue starts a new sender.
         """
         if timeout is None:
             timeout = self.settings.shutdown_timeout
@@ -442,11 +442,11 @@ class DeliveryQueue:
         try:
             if not delivered:
                 self._await_answers(grace)
-            worker, leftovers = self._take_leftovers()
+            worker, leftovers = self._leftovers.take()
             if worker is not None:
                 self._slot.poke(worker, all_waits=True)
                 worker.join(_JOIN_TIMEOUT)
-            self._abandon(leftovers)
+            self._leftovers.report(leftovers)
             self._report.close()
             # Closed: what it held is delivered, reported or on disk. The process-wide flush
             # and the exit hook leave it alone until a later enqueue starts a sender again.
@@ -469,11 +469,11 @@ class DeliveryQueue:
             if not delivered:
                 await asyncio.to_thread(self._await_answers, grace)
             # Read the worker again: aflush may have replaced one that had died.
-            worker, leftovers = self._take_leftovers()
+            worker, leftovers = self._leftovers.take()
             if worker is not None:
                 self._slot.poke(worker, all_waits=True)
                 await worker.wait_stopped(_JOIN_TIMEOUT)
-            self._abandon(leftovers)
+            self._leftovers.report(leftovers)
             self._report.close()
             # Closed: what it held is delivered, reported or on disk. The process-wide flush
             # and the exit hook leave it alone until a later enqueue starts a sender again.
@@ -487,7 +487,7 @@ class DeliveryQueue:
         """Delivered, or answered within the grace: nothing left behind, spooled or not."""
         if leftovers:
             return False
-        return delivered or (self._left_behind == 0 and self._spool_drained())
+        return delivered or (self._leftovers.left_behind == 0 and self._spool_drained())
 
     def _stop_taking(self) -> None:
         with self._state.lock:
@@ -505,80 +505,6 @@ class DeliveryQueue:
         with state.cond:
             while self._in_flight() and (remaining := deadline - time.monotonic()) > 0:
                 state.cond.wait(remaining)
-
-    def _take_leftovers(self) -> tuple[Worker | None, list[Item]]:
-        """Retire the worker and take everything still undelivered, for close and aclose.
-
-        What the spool can keep goes back to it (after the lock is released: no SQLite under
-        it); the rest is returned (and counted as dead-lettered) for the caller to report once
-        the worker has stopped.
-        """
-        state = self._state
-        with state.lock:
-            worker = state.worker
-            leftovers = state.detach(worker, requeue=False) if worker else []
-            # Taken by the worker: in flight, or failed and waiting to retry.
-            self._unanswered = set(leftovers)
-            leftovers.extend(state.queue)
-            state.queue.clear()
-            leftovers.extend(self._turns.unpark_all())
-            leftovers.extend(self._sealer.unseal_all())
-            if self._sealer.folds is not None:
-                self._sealer.folds.clear()
-            weight = sum(item.weight() for item in leftovers)
-            self._left_behind = weight
-            state.pending -= weight
-            state.folded -= weight - len(leftovers)
-            state.closing = False
-            state.cond.notify_all()
-        if self._bridge is not None:
-            leftovers = self._bridge.keep(leftovers)
-        reported: list[Item] = []
-        for item in leftovers:
-            if isinstance(item, UsageFold) and item.needs_seal:
-                item.operation = item.aggregate()  # reported as the one event it stands for
-            # An undelivered quota aggregate is reported member by member, as it was enqueued.
-            reported.extend(item.parts or [item])
-        with state.lock:
-            state.dead_lettered += sum(len(i.parts) if i.parts else i.weight() for i in leftovers)
-        return worker, reported
-
-    def _abandon(self, items: list[Item]) -> None:
-        """Report what a close could not deliver: one ERROR with the counts, then the hook.
-
-        Sent and unanswered (in flight at the deadline, or failed and waiting to retry):
-        Commet may have recorded them, and their keys make a resend safe. Never sent: Commet
-        has nothing of them.
-        """
-        if self._bridge is not None:  # the spool writer's release of the rows kept (no lock)
-            self._bridge.wait_kept()
-        if not items:
-            return
-        tried = [item for item in items if item.attempts or item in self._unanswered]
-        untried = len(items) - len(tried)
-        examples = ", ".join(describe(item.operation) for item in items[:3])
-        logger.error(
-            "commet: closing with %d operations undelivered: %d never sent, %d sent without an "
-            "answer that Commet recorded them (it may have; a resend under the same key would "
-            "be deduplicated). Raise shutdown_timeout, or set spool_path to keep them. First: %s",
-            len(items),
-            untried,
-            len(tried),
-            examples,
-        )
-        for item in items:
-            maybe = item in tried
-            self._pump.dead_letter(
-                item.operation,
-                UndeliveredError(
-                    "shutdown",
-                    "sent, no answer before the close timeout"
-                    if maybe
-                    else "not sent before the close timeout",
-                    maybe_delivered=maybe,
-                ),
-            )
-        self._unanswered.clear()
 
     # -- counters --------------------------------------------------------------------------
 
