@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from http.cookies import CookieError, SimpleCookie
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias
 from urllib.parse import parse_qs
 
 from ._errors import CustomerRequiredError
@@ -113,12 +113,13 @@ def _utf8_again(value: object) -> object:
 
 def _clean(value: object) -> str | None:
     # Only a non-blank string names a customer; anything else means "not said".
-    if isinstance(value, bytes):
-        value = _decoded(value)
-    if isinstance(value, str):
-        value = value.strip()
-        return _acceptable(value) if value else None
-    return None
+    if type(value) is not str:  # a str is the common case: checked first
+        if isinstance(value, bytes):
+            value = _decoded(value)
+        elif not isinstance(value, str):
+            return None
+    value = value.strip()
+    return _acceptable(value) if value else None
 
 
 def _environ_key(header: str) -> str:
@@ -151,20 +152,10 @@ def from_header(name: str) -> CustomerResolver:
 
     def resolve(source: Mapping[str, Any]) -> str | None:
         if "REQUEST_METHOD" in source or "type" not in source:  # a WSGI environ
-            text = source.get(environ_key)
-            if type(text) is not str:
-                return _clean(text)
-            if not text.isascii():
-                text = cast("str", _utf8_again(text))
-            text = text.strip()
-            return _acceptable(text) if text else None
+            return _clean(_utf8_again(source.get(environ_key)))
         for key, value in source.get("headers") or ():
             if key == wanted or key.lower() == wanted:
-                raw = bytes(value)
-                try:  # _decoded, inline: it runs on every request
-                    found = raw.decode("utf-8").strip()
-                except UnicodeDecodeError:
-                    found = raw.decode("latin-1").strip()
+                found = _decoded(bytes(value)).strip()
                 return _acceptable(found) if found else None
         return None
 
@@ -398,11 +389,8 @@ def resolve_now(resolver: CustomerResolver, source: Mapping[str, Any]) -> str | 
     except Exception:
         _logger.exception("commet: customer resolver %r failed; treating as no customer", resolver)
         return None
-    if result is None:
-        return None
-    if type(result) is str:  # the common answer, checked without _clean's detours
-        found = result.strip()
-        return _acceptable(found) if found else None
+    if result is None or type(result) is str:  # the common answers: no awaitable check
+        return _clean(result)
     if inspect.isawaitable(result):
         # Only a sync call site gets here (WSGI, or a sync endpoint): the value cannot be read.
         if inspect.iscoroutine(result):

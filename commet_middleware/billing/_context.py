@@ -369,11 +369,7 @@ class RequestContext:
                 if simple:
                     self.settled = True
                     self.billable_after_settle = True
-                    if self.ordinals is None:  # nothing keyed yet: the common request
-                        self.ordinals = {feature: 1}
-                        ordinal = 1
-                    else:
-                        ordinal = self._next_ordinal(feature)
+                    ordinal = self._next_ordinal(feature)
             if simple:
                 # The customer came from a resolver or set_customer, both of which clean or
                 # validate it, and the feature from the middleware's checked rules: the event

@@ -30,7 +30,8 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from commet_middleware._models import Operation, UsageEvent
@@ -223,10 +224,7 @@ class DeliveryQueue:
             with state.lock:
                 # A usage event is never refused when it can fold: it joins its group's waiting
                 # fold, or opens one (bounded by the groups waiting, not by the request rate).
-                # (state.has_room(), inline: this runs on every billed request.)
-                if state.pending - state.folded < state.limit or (
-                    self._folding and isinstance(operation, UsageEvent)
-                ):
+                if state.has_room() or (self._folding and isinstance(operation, UsageEvent)):
                     state.pending += 1
                     state.queued += 1
                     # No item yet: an aggregated usage event waits as a tuple (see Packed).
@@ -326,25 +324,27 @@ class DeliveryQueue:
         Call it from any thread but the sender's event loop (there, ``await aflush()``). The
         sender is not paced while a flush waits.
         """
-        state = self._flushing(None, +1)
-        try:
+        with self._unpaced():
             return self._flush(timeout)
-        finally:
-            self._flushing(state, -1)
 
-    def _flushing(self, state: QueueState | None, change: int) -> QueueState:
-        """Count a flush in (on the current state) or out (on the state it counted in on: a
-        fork during the flush replaces the state)."""
-        state = state or self._state
+    @contextmanager
+    def _unpaced(self) -> Iterator[None]:
+        """While a flush waits, the sender is not paced (see ``_pacing``); one waiting out a
+        pace is woken to send what waits now."""
+        state = self._state  # a fork during the flush replaces it: count out where counted in
         with state.lock:
-            state.flushing += change
-            worker = state.worker if change > 0 and state.wake_at else None
-        if worker is not None:  # waiting out a pace (see _pacing): send what waits now
+            state.flushing += 1
+            paced = state.worker if state.wake_at else None
+        if paced is not None:
             try:
-                self._slot.poke(worker)
+                self._slot.poke(paced)
             except Exception:  # its loop is gone: the flush replaces it
                 logger.debug("commet: could not wake the paced sender", exc_info=True)
-        return state
+        try:
+            yield
+        finally:
+            with state.lock:
+                state.flushing -= 1
 
     def _flush(self, timeout: float | None) -> bool:
         try:
@@ -386,11 +386,8 @@ class DeliveryQueue:
 
     async def aflush(self, timeout: float | None = None) -> bool:
         """Like :meth:`flush`, without blocking the event loop."""
-        state = self._flushing(None, +1)
-        try:
+        with self._unpaced():
             return await self._aflush(timeout)
-        finally:
-            self._flushing(state, -1)
 
     async def _aflush(self, timeout: float | None) -> bool:
         try:

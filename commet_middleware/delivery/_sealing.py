@@ -102,14 +102,14 @@ class Sealer:
                     state.aggregated_members += 1
                     return False
                 state.queue.append(fold)
-                return state.idle or 0 < state.wake_at <= len(state.queue)
+                return state.wakes_worker()
             queued = folds.add_quota(item or Item(operation))
             if queued is None:
                 state.folded += 1
                 state.aggregated_members += 1
                 return False
             state.queue.append(queued)
-            return state.idle or 0 < state.wake_at <= len(state.queue)
+            return state.wakes_worker()
         aggregator = self._aggregator
         if aggregator is not None:
             if isinstance(operation, UsageEvent):

@@ -53,6 +53,11 @@ class QueueState:
         self.aggregates_sent = 0
         self.aggregates_split = 0
 
+    def wakes_worker(self) -> bool:
+        """(Lock held.) After an append to the queue: True if the worker may be waiting for it
+        (idle, or waiting out a pace that the queue, now a full batch deep, should end)."""
+        return self.idle or 0 < self.wake_at <= len(self.queue)
+
     def has_room(self) -> bool:
         """(Lock held.) True while the places taken are fewer than ``limit``."""
         return self.pending - self.folded < self.limit

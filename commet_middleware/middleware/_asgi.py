@@ -253,9 +253,6 @@ class CommetMiddleware(MiddlewareSetup):
                 return
 
 
-_REFUSED = Phase.REFUSED
-
-
 def _encode(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
 
@@ -319,7 +316,7 @@ class _HTTPCall(BillingCall):
         return replay_receive(messages, receive)
 
     async def send(self, message: Message) -> None:
-        if self.phase is _REFUSED:
+        if self.phase is Phase.REFUSED:
             return  # the app's own response was replaced by the refusal
         if self.capture is not None:
             capture_asgi(self.capture, message)

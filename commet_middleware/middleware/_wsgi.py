@@ -258,8 +258,7 @@ class _WSGICall(BillingCall):
             method=self.environ.get("REQUEST_METHOD", "GET"),
             content_length=content_length,
             feature=None if self.rules.meter is None else self._zero_code_feature(),
-            # Only a refusal's log line names the path: worked out only when one can happen.
-            path=self._path() if ctx.refusal is not None or ctx.reject_missing_customer else "",
+            path=self._path(),
         )
         if refusal is not None:
             self._answer(refusal, exc_info)
@@ -370,8 +369,6 @@ def _read_body(environ: WSGIEnvironment) -> bytes | None:
     return bytes(body)
 
 
-_REFUSED = Phase.REFUSED
-
 # What ``next`` returns here for an exhausted body (see _BillingIterable.__next__).
 _END = cast("bytes", object())
 
@@ -414,7 +411,7 @@ class _BillingIterable:
 
     def __next__(self) -> bytes:
         call = self._call
-        if call.phase is _REFUSED:
+        if call.phase is Phase.REFUSED:
             return self._next_rejection_chunk()
         try:
             iterator = self._iterator
@@ -442,7 +439,7 @@ class _BillingIterable:
             self._exhausted = True
             call.finish(complete=True)
             raise StopIteration
-        if call.phase is _REFUSED:  # start_response in this very chunk decided to refuse
+        if call.refused:  # start_response in this very chunk decided to refuse
             return self._next_rejection_chunk()
         if call.capture is not None:
             call.capture.add(chunk)
