@@ -73,6 +73,9 @@ def serve(mode: str, path: str, kill_at: int) -> None:
 
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
+        # Listening before the port is told: a client that connects before uvicorn has started
+        # waits in the backlog instead of being refused.
+        sock.listen(128)
         print(sock.getsockname()[1], flush=True)
 
         async def hello(scope: Any, receive: Any, send: Any) -> None:
